@@ -1,0 +1,138 @@
+"""Shared benchmark plumbing: interleaved timing with warm-up and device sync, records, tables, JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU name as torch reports it, or the CPU model."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"torch": torch.__version__, "triton": triton_version, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, *, warmup: int = 3,
+                     repeat: int = 20, min_time_s: float = 0.0) -> dict[str, dict]:
+    """Times each callable `repeat` times, round-robin so that all see the same machine state.
+
+    Each call is timed alone, with a device synchronization before and after (CUDA events on a GPU,
+    a host clock otherwise). Returns {name: {"ms", "ms_min", "ms_max", "peak_mem_mb"}} (median ms).
+    """
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float | None] = {name: None for name in fns}
+    start_all = time.perf_counter()
+    rounds = 0
+    while rounds < repeat or time.perf_counter() - start_all < min_time_s:
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                _sync(device)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end))
+                peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                peaks[name] = max(peaks[name] or 0.0, peak)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: {"ms": statistics.median(s), "ms_min": min(s), "ms_max": max(s), "peak_mem_mb": peaks[name]}
+            for name, s in samples.items()}
+
+
+def make_record(bench: str, impl: str, case: str, timing: dict, *, device: torch.device | str, dtype: str,
+                pass_: str | None = None, tflops: float | None = None, env: dict | None = None, **extra) -> dict:
+    record = {"bench": bench, "impl": impl, "case": case, "pass": pass_, "dtype": dtype,
+              "device": device_name(device), "ms": round(timing["ms"], 5), "ms_min": round(timing["ms_min"], 5),
+              "ms_max": round(timing["ms_max"], 5), "tflops": tflops,
+              "peak_mem_mb": None if timing.get("peak_mem_mb") is None else round(timing["peak_mem_mb"], 2)}
+    record.update(env or environment())
+    record.update(extra)
+    return record
+
+
+def write_results(records: list[dict], name: str, out_dir: Path | str | None = None,
+                  baseline: str | None = None) -> Path:
+    """Writes {"records": [...]} to <out_dir>/<name>.json atomically and a Markdown table beside it."""
+    out_dir = Path(out_dir) if out_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"records": records}, indent=1) + "\n")
+    os.replace(tmp, path)
+    md = out_dir / f"{name}.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(markdown_table(records, baseline) + "\n")
+    os.replace(tmp, md)
+    return path
+
+
+def markdown_table(records: list[dict], baseline: str | None = None) -> str:
+    """One row per case, one column per implementation (median ms), plus each one's speed-up over `baseline`."""
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    cases = list(dict.fromkeys((r["case"], r["pass"], r["device"]) for r in records))
+    baseline = baseline or impls[-1]
+    others = [i for i in impls if i != baseline]
+    header = ["case", "device"] + [f"{i} ms" for i in impls] + [f"{i} vs {baseline}" for i in others]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_key = {(r["case"], r["pass"], r["device"], r["impl"]): r for r in records}
+    for case, pass_, device in cases:
+        row = [case + (f" {pass_}" if pass_ else ""), device]
+        times = {i: by_key.get((case, pass_, device, i), {}).get("ms") for i in impls}
+        row += [f"{times[i]:.3f}" if times[i] is not None else "—" for i in impls]
+        for i in others:
+            ok = times[i] is not None and times[baseline] is not None
+            row.append(f"{times[baseline] / times[i]:.2f}x" if ok else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

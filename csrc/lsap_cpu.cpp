@@ -1,0 +1,226 @@
+// Exact batched linear sum assignment on the CPU: shortest augmenting paths (Jonker-Volgenant family).
+//
+// Each problem is solved in float64 with row potentials u and column potentials v (reduced cost
+// c[i][j] - u[i] - v[j] >= 0 on the tree). For every row a Dijkstra search over columns finds the
+// cheapest augmenting path; ties pick the free column, then the lowest column index, a rule the CUDA
+// kernel shares so that both devices return the same assignment. Problems run in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "lsap.h"
+#include "lsap_common.h"
+
+namespace e2evlp {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Scratch space for one problem of at most `nr` rows and `nc` columns, reused across a chunk.
+struct LsapWorkspace {
+  std::vector<double> cost, u, v, dist, closed;
+  std::vector<int64_t> path, row4col, col4row, scanned_cols, visited_rows;
+
+  void resize(int64_t nr, int64_t nc) {
+    cost.resize(nr * nc);
+    u.resize(nr);
+    col4row.resize(nr);
+    visited_rows.reserve(nr);
+    v.resize(nc);
+    dist.resize(nc);
+    closed.resize(nc);
+    path.resize(nc);
+    row4col.resize(nc);
+    scanned_cols.reserve(nc);
+  }
+};
+
+// The open column with the smallest dist; ties go to a free column, then to the lowest index.
+// `lowest` is that smallest dist (+inf when no open column is reachable, then -1 is returned).
+int64_t pick_column(const double* dist, const double* closed, const int64_t* row4col, int64_t nc, double lowest) {
+  if (lowest == kInf) return -1;
+  int64_t first = -1;
+  for (int64_t j = 0; j < nc; ++j) {
+    if (dist[j] + closed[j] != lowest) continue;
+    if (row4col[j] < 0) return j;
+    if (first < 0) first = j;
+  }
+  return first;
+}
+
+// Solves the dense problem ws.cost [nr, nc] with nr <= nc; fills ws.col4row.
+int32_t solve_dense(int64_t nr, int64_t nc, LsapWorkspace& ws) {
+  const double* c = ws.cost.data();
+  double* dist = ws.dist.data();
+  double* closed = ws.closed.data();  // 0 for a column still open in the current search, +inf once settled
+  double* v = ws.v.data();
+  int64_t* path = ws.path.data();
+  int64_t* row4col = ws.row4col.data();
+  std::fill_n(v, nc, 0.0);
+  std::fill_n(row4col, nc, -1);
+  std::fill_n(ws.col4row.begin(), nr, -1);
+
+  // Row reduction: u[i] = min_j c[i][j] keeps every reduced cost >= 0 and every free column at v = 0
+  // (which rectangular problems need). A row whose cheapest column is still free takes it: a tight
+  // edge, so that row needs no search.
+  std::fill_n(closed, nc, 0.0);
+  for (int64_t i = 0; i < nr; ++i) {
+    const double* ci = c + i * nc;
+    double lowest = kInf;
+    for (int64_t j = 0; j < nc; ++j) lowest = std::min(lowest, ci[j]);
+    const int64_t j = pick_column(ci, closed, row4col, nc, lowest);
+    ws.u[i] = j < 0 ? 0.0 : lowest;
+    if (j >= 0 && row4col[j] < 0) {
+      ws.col4row[i] = j;
+      row4col[j] = i;
+    }
+  }
+
+  for (int64_t cur = 0; cur < nr; ++cur) {
+    if (ws.col4row[cur] >= 0) continue;
+    std::fill_n(dist, nc, kInf);
+    std::fill_n(closed, nc, 0.0);
+    ws.scanned_cols.clear();
+    ws.visited_rows.clear();
+
+    // Dijkstra over columns from row `cur`, on reduced costs c[i][j] - u[i] - v[j].
+    double min_val = 0.0;
+    int64_t i = cur;
+    int64_t sink = -1;
+    while (sink < 0) {
+      ws.visited_rows.push_back(i);
+      const double* ci = c + i * nc;
+      const double base = min_val - ws.u[i];
+      double lowest = kInf;
+      for (int64_t j = 0; j < nc; ++j) {
+        const double r = base + ci[j] - v[j];
+        const bool shorter = r + closed[j] < dist[j];
+        dist[j] = shorter ? r : dist[j];
+        path[j] = shorter ? i : path[j];
+        lowest = std::min(lowest, dist[j] + closed[j]);
+      }
+      const int64_t j = pick_column(dist, closed, row4col, nc, lowest);
+      min_val = lowest;
+      if (j < 0) return kLsapInfeasible;
+      closed[j] = kInf;
+      ws.scanned_cols.push_back(j);
+      if (row4col[j] < 0) {
+        sink = j;
+      } else {
+        i = row4col[j];
+      }
+    }
+
+    ws.u[cur] += min_val;
+    for (int64_t r : ws.visited_rows) {
+      if (r != cur) ws.u[r] += min_val - dist[ws.col4row[r]];
+    }
+    for (int64_t j : ws.scanned_cols) v[j] -= min_val - dist[j];
+
+    for (int64_t j = sink;;) {
+      const int64_t r = path[j];
+      row4col[j] = r;
+      std::swap(ws.col4row[r], j);
+      if (r == cur) break;
+    }
+  }
+  return kLsapOk;
+}
+
+// Copies one problem into `dst` [nr, nc] (sign applied, in float64); false if it holds NaN or -inf.
+// The loops follow the source's memory order, so a transposed read streams through memory.
+template <typename scalar_t>
+bool load_problem(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t nr, int64_t nc, double sign,
+                  double* dst) {
+  const bool rows_inner = std::abs(s_row) < std::abs(s_col);
+  const int64_t outer = rows_inner ? nc : nr, inner = rows_inner ? nr : nc;
+  const int64_t s_outer = rows_inner ? s_col : s_row, s_inner = rows_inner ? s_row : s_col;
+  const int64_t d_outer = rows_inner ? 1 : nc, d_inner = rows_inner ? nc : 1;
+  bool invalid = false;
+  for (int64_t a = 0; a < outer; ++a) {
+    const scalar_t* s = src + a * s_outer;
+    double* d = dst + a * d_outer;
+    for (int64_t k = 0; k < inner; ++k) {
+      const double x = sign * static_cast<double>(s[k * s_inner]);
+      invalid |= (x != x) | (x == -kInf);
+      d[k * d_inner] = x;
+    }
+  }
+  return !invalid;
+}
+
+int64_t count_at(const int64_t* counts, int64_t b, int64_t fallback) {
+  return counts == nullptr ? fallback : counts[b];
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_cpu(const at::Tensor& cost,
+                                                             const std::optional<at::Tensor>& num_rows,
+                                                             const std::optional<at::Tensor>& num_cols,
+                                                             bool maximize) {
+  check_lsap_cost(cost);
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  const at::Tensor rows_t = checked_lsap_counts(num_rows, "num_rows", cost);
+  const at::Tensor cols_t = checked_lsap_counts(num_cols, "num_cols", cost);
+
+  const int64_t sb = cost.stride(0), sn = cost.stride(1), sm = cost.stride(2);
+  const int64_t* nrows = rows_t.defined() ? rows_t.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* ncols = cols_t.defined() ? cols_t.const_data_ptr<int64_t>() : nullptr;
+  const double sign = maximize ? -1.0 : 1.0;
+
+  at::Tensor assignment = at::full({B, N}, -1, cost.options().dtype(at::kLong));
+  at::Tensor status = at::zeros({B}, cost.options().dtype(at::kInt));
+  int64_t* out = assignment.data_ptr<int64_t>();
+  int32_t* st = status.data_ptr<int32_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cost.scalar_type(), "linear_sum_assignment_cpu", [&] {
+    const scalar_t* base = cost.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      LsapWorkspace ws;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n = count_at(nrows, b, N), m = count_at(ncols, b, M);
+        if (n < 0 || n > N) {
+          st[b] = kLsapBadNumRows;
+          continue;
+        }
+        if (m < 0 || m > M) {
+          st[b] = kLsapBadNumCols;
+          continue;
+        }
+        if (n == 0 || m == 0) continue;
+        // Solve with rows <= columns: transpose tall problems.
+        const bool transposed = n > m;
+        const int64_t nr = transposed ? m : n, nc = transposed ? n : m;
+        ws.resize(nr, nc);
+        if (!load_problem(base + b * sb, transposed ? sm : sn, transposed ? sn : sm, nr, nc, sign, ws.cost.data())) {
+          st[b] = kLsapInvalidEntries;
+          continue;
+        }
+        st[b] = solve_dense(nr, nc, ws);
+        if (st[b] != kLsapOk) continue;
+        int64_t* ob = out + b * N;
+        for (int64_t i = 0; i < nr; ++i) {
+          if (transposed) {
+            ob[ws.col4row[i]] = i;
+          } else {
+            ob[i] = ws.col4row[i];
+          }
+        }
+      }
+    });
+  });
+  return {assignment, status};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(e2evlp, CPU, m) {
+  m.impl("linear_sum_assignment", &linear_sum_assignment_cpu);
+}
+
+}  // namespace e2evlp

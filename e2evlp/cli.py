@@ -1,0 +1,95 @@
+"""The `e2evlp` command (also `python -m e2evlp`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+
+
+def environment_info() -> dict:
+    """Versions, the extension's build, the visible GPUs and the attention backend per device."""
+    import torch
+
+    from e2evlp import __version__, _ext
+    from e2evlp.ops.dispatch import attention_backend
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({"name": props.name, "capability": f"{props.major}.{props.minor}",
+                         "memory_gb": round(props.total_memory / 2**30, 1)})
+    backends = {"cpu": attention_backend("cpu")}
+    if gpus:
+        backends["cuda"] = attention_backend("cuda")
+    return {
+        "e2evlp": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "nvcc": shutil.which("nvcc"),
+        "extension": _ext.build_info(),
+        "gpus": gpus,
+        "attention_backend": backends,
+    }
+
+
+def _print_info(info: dict) -> None:
+    ext = info["extension"]
+    if ext["built"]:
+        archs = ", ".join(f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in ext["archs"]) or "none"
+        ext_line = f"built with CUDA kernels for {archs}" if ext["with_cuda"] else "built, CPU kernels only"
+    else:
+        ext_line = f"NOT usable: {ext['reason']}"
+    gpus = "; ".join(f"{g['name']} (sm_{g['capability'].replace('.', '')}, {g['memory_gb']} GiB)"
+                     for g in info["gpus"]) or "none visible"
+    rows = [
+        ("e2evlp", info["e2evlp"]),
+        ("python", info["python"]),
+        ("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none: CPU build'})"),
+        ("triton", info["triton"] or "not installed"),
+        ("nvcc", info["nvcc"] or "not on PATH"),
+        ("e2evlp._C", ext_line),
+        ("GPU", gpus),
+        ("attention", ", ".join(f"{dev} -> {name}" for dev, name in info["attention_backend"].items())),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = environment_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e2evlp", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, the extension's build, GPUs, attention backend")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels of e2evlp, installed as the subpackage ``e2evlp.kernels``."""

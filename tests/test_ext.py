@@ -1,0 +1,82 @@
+"""The extension loader's diagnoses and the `e2evlp info` command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from e2evlp import _ext, cli
+
+
+def test_extension_is_built_and_records_its_build():
+    info = _ext.build_info()
+    assert info["built"], info.get("reason")
+    assert info["torch"] == torch.__version__
+    assert isinstance(info["with_cuda"], bool)
+    recorded = _ext.recorded_build()
+    assert recorded is not None and recorded["torch"] == torch.__version__
+    assert recorded["with_cuda"] == info["with_cuda"]
+    if info["with_cuda"]:
+        assert info["archs"] and recorded["cuda_archs"] == info["cuda_archs"]
+
+
+def test_missing_build_is_explained(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fail_on_ext(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "e2evlp" and fromlist and "_C" in fromlist:
+            raise ImportError("undefined symbol: _ZN3c104cuda9SomethingE")
+        return real_import(name, globals, locals, fromlist, level)
+
+    _ext._load.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", fail_on_ext)
+    monkeypatch.setattr(_ext, "recorded_build", lambda: {"torch": "2.0.0"})
+    try:
+        with pytest.raises(_ext.ExtensionError, match=r"built against torch 2\.0\.0 but torch .* is installed; rebuild"):
+            _ext.require()
+        _ext._load.cache_clear()
+        monkeypatch.setattr(_ext, "recorded_build", lambda: None)
+        assert "is not built" in _ext.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        _ext._load.cache_clear()
+    assert _ext.available()
+
+
+def test_cuda_request_on_cpu_only_build_is_explained(monkeypatch):
+    module = _ext.require()
+    if module.build_info()["with_cuda"]:
+        pytest.skip("this build has CUDA kernels")
+    with pytest.raises(_ext.ExtensionError, match="without its CUDA kernels"):
+        _ext.require("cuda")
+
+
+def test_info_command(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("torch", "triton", "e2evlp._C", "GPU", "attention"):
+        assert key in out
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["extension"]["built"] and info["torch"] == torch.__version__
+    assert info["attention_backend"]["cpu"] in ("sdpa", "triton", "reference")
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "e2evlp", "info", "--json"], capture_output=True, text=True,
+                            check=True)
+    assert json.loads(result.stdout)["python"]
+
+
+def test_attention_backend_override(monkeypatch):
+    from e2evlp.ops import attention_backend
+
+    monkeypatch.setenv("E2EVLP_ATTENTION", "reference")
+    assert attention_backend("cpu") == "reference"
+    monkeypatch.setenv("E2EVLP_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="E2EVLP_ATTENTION"):
+        attention_backend("cpu")
