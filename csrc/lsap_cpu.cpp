@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "lsap.h"
@@ -24,8 +25,8 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Scratch space for one problem of at most `nr` rows and `nc` columns, reused across a chunk.
 struct LsapWorkspace {
-  std::vector<double> cost, u, v, dist, closed;
-  std::vector<int64_t> path, row4col, col4row, scanned_cols, visited_rows;
+  std::vector<double> cost, u, v, dist;
+  std::vector<int64_t> path, row4col, col4row, open, scanned_cols, visited_rows;
 
   void resize(int64_t nr, int64_t nc) {
     cost.resize(nr * nc);
@@ -34,47 +35,55 @@ struct LsapWorkspace {
     visited_rows.reserve(nr);
     v.resize(nc);
     dist.resize(nc);
-    closed.resize(nc);
+    open.resize(nc);
     path.resize(nc);
     row4col.resize(nc);
     scanned_cols.reserve(nc);
   }
 };
 
-// The open column with the smallest dist; ties go to a free column, then to the lowest index.
-// `lowest` is that smallest dist (+inf when no open column is reachable, then -1 is returned).
-int64_t pick_column(const double* dist, const double* closed, const int64_t* row4col, int64_t nc, double lowest) {
+// Among cols[0..count), the position of the column with key == lowest that is free, else the one
+// with the lowest index (-1 when lowest is +inf). The key order (distance, taken, index) does not
+// depend on the order of `cols`, and is the one the CUDA kernel uses.
+int64_t pick_column(const double* key, const int64_t* cols, int64_t count, const int64_t* row4col,
+                    double lowest) {
   if (lowest == kInf) return -1;
-  int64_t first = -1;
-  for (int64_t j = 0; j < nc; ++j) {
-    if (dist[j] + closed[j] != lowest) continue;
-    if (row4col[j] < 0) return j;
-    if (first < 0) first = j;
+  int64_t best = -1, best_col = 0;
+  bool best_free = false;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t j = cols[k];
+    if (key[j] != lowest) continue;
+    const bool is_free = row4col[j] < 0;
+    if (best < 0 || (is_free && !best_free) || (is_free == best_free && j < best_col)) {
+      best = k;
+      best_col = j;
+      best_free = is_free;
+    }
   }
-  return first;
+  return best;
 }
 
 // Solves the dense problem ws.cost [nr, nc] with nr <= nc; fills ws.col4row.
 int32_t solve_dense(int64_t nr, int64_t nc, LsapWorkspace& ws) {
   const double* c = ws.cost.data();
   double* dist = ws.dist.data();
-  double* closed = ws.closed.data();  // 0 for a column still open in the current search, +inf once settled
   double* v = ws.v.data();
   int64_t* path = ws.path.data();
   int64_t* row4col = ws.row4col.data();
+  int64_t* open = ws.open.data();  // the columns not yet settled by the current search
   std::fill_n(v, nc, 0.0);
   std::fill_n(row4col, nc, -1);
   std::fill_n(ws.col4row.begin(), nr, -1);
+  std::iota(open, open + nc, int64_t{0});
 
   // Row reduction: u[i] = min_j c[i][j] keeps every reduced cost >= 0 and every free column at v = 0
   // (which rectangular problems need). A row whose cheapest column is still free takes it: a tight
   // edge, so that row needs no search.
-  std::fill_n(closed, nc, 0.0);
   for (int64_t i = 0; i < nr; ++i) {
     const double* ci = c + i * nc;
     double lowest = kInf;
     for (int64_t j = 0; j < nc; ++j) lowest = std::min(lowest, ci[j]);
-    const int64_t j = pick_column(ci, closed, row4col, nc, lowest);
+    const int64_t j = pick_column(ci, open, nc, row4col, lowest);
     ws.u[i] = j < 0 ? 0.0 : lowest;
     if (j >= 0 && row4col[j] < 0) {
       ws.col4row[i] = j;
@@ -85,7 +94,8 @@ int32_t solve_dense(int64_t nr, int64_t nc, LsapWorkspace& ws) {
   for (int64_t cur = 0; cur < nr; ++cur) {
     if (ws.col4row[cur] >= 0) continue;
     std::fill_n(dist, nc, kInf);
-    std::fill_n(closed, nc, 0.0);
+    std::iota(open, open + nc, int64_t{0});
+    int64_t num_open = nc;
     ws.scanned_cols.clear();
     ws.visited_rows.clear();
 
@@ -98,17 +108,20 @@ int32_t solve_dense(int64_t nr, int64_t nc, LsapWorkspace& ws) {
       const double* ci = c + i * nc;
       const double base = min_val - ws.u[i];
       double lowest = kInf;
-      for (int64_t j = 0; j < nc; ++j) {
+      for (int64_t k = 0; k < num_open; ++k) {
+        const int64_t j = open[k];
         const double r = base + ci[j] - v[j];
-        const bool shorter = r + closed[j] < dist[j];
-        dist[j] = shorter ? r : dist[j];
-        path[j] = shorter ? i : path[j];
-        lowest = std::min(lowest, dist[j] + closed[j]);
+        if (r < dist[j]) {
+          dist[j] = r;
+          path[j] = i;
+        }
+        lowest = std::min(lowest, dist[j]);
       }
-      const int64_t j = pick_column(dist, closed, row4col, nc, lowest);
+      const int64_t k = pick_column(dist, open, num_open, row4col, lowest);
+      if (k < 0) return kLsapInfeasible;
       min_val = lowest;
-      if (j < 0) return kLsapInfeasible;
-      closed[j] = kInf;
+      const int64_t j = open[k];
+      open[k] = open[--num_open];
       ws.scanned_cols.push_back(j);
       if (row4col[j] < 0) {
         sink = j;
