@@ -1,0 +1,117 @@
+"""Drop-in SetCriterion: DETR's set losses plus E2E-VLP's attribute loss, all layers matched at once, no host sync."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from e2evlp.nn.matcher import Matching
+from e2evlp.nn.targets import PaddedTargets, pad_targets
+from e2evlp.ops.boxes import box_losses
+
+LOSSES = ("labels", "cardinality", "boxes", "attributes")
+
+
+class SetCriterion(nn.Module):
+    """DETR's SetCriterion with DETR's constructor and forward(outputs, targets) -> dict of losses.
+
+    Losses: ``labels`` (``loss_ce`` with ``eos_coef`` on the no-object class, and ``class_error`` on the
+    last layer), ``cardinality`` (``cardinality_error``), ``boxes`` (``loss_bbox``, ``loss_giou`` from the
+    fused e2evlp.ops.box_losses), and E2E-VLP's ``attributes`` (``loss_attr``: cross-entropy over
+    ``num_attributes`` classes on matched boxes; a target attribute of -1 is ignored; the mean is over
+    the boxes that have one). Auxiliary decoder layers (``outputs["aux_outputs"]``) add the same losses
+    with suffixes ``_0``, ``_1``, ... (``loss_attr_i`` where that layer predicts attributes).
+    ``num_boxes`` is all-reduced under torch.distributed and clamped to ≥ 1. Every value stays a tensor:
+    nothing here syncs with the host. With e2evlp's HungarianMatcher all layers are matched in one go;
+    any DETR-style matcher (a callable returning per-image index pairs) works too.
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict[str, float], eos_coef: float,
+                 losses: list[str], num_attributes: int | None = None):
+        super().__init__()
+        unknown = [name for name in losses if name not in LOSSES]
+        if unknown:
+            raise ValueError(f"unknown losses {unknown}; choose from {LOSSES}")
+        if "attributes" in losses and not num_attributes:
+            raise ValueError("the 'attributes' loss needs num_attributes")
+        self.num_classes, self.num_attributes = num_classes, num_attributes
+        self.matcher, self.weight_dict, self.eos_coef, self.losses = matcher, weight_dict, eos_coef, list(losses)
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def loss_labels(self, outputs, padded: PaddedTargets, m: Matching, num_boxes, log=True):
+        logits = outputs["pred_logits"]  # [B, Q, C+1]
+        matched = padded.labels[m.batch_idx, m.tgt_idx]  # [K]
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[m.batch_idx, m.src_idx] = matched
+        weight = self.empty_weight.to(logits.dtype)
+        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, weight)}
+        if log:
+            with torch.no_grad():
+                K = len(m.src_idx)
+                hits = (logits[m.batch_idx, m.src_idx].argmax(-1) == matched).float().sum()
+                accuracy = hits * (100.0 / K) if K else torch.zeros((), device=logits.device)
+                losses["class_error"] = 100 - accuracy
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs, padded: PaddedTargets, m: Matching, num_boxes):
+        logits = outputs["pred_logits"]
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)  # [B] non-empty predictions
+        return {"cardinality_error": F.l1_loss(predicted.float(), padded.num_targets.float())}
+
+    def loss_boxes(self, outputs, padded: PaddedTargets, m: Matching, num_boxes):
+        src = outputs["pred_boxes"][m.batch_idx, m.src_idx]  # [K, 4]
+        target = padded.boxes[m.batch_idx, m.tgt_idx]
+        l1, giou = box_losses(src, target, validate=False)
+        return {"loss_bbox": l1.sum() / num_boxes, "loss_giou": giou.sum() / num_boxes}
+
+    def loss_attributes(self, outputs, padded: PaddedTargets, m: Matching, num_boxes):
+        if padded.attributes is None:
+            raise KeyError("the 'attributes' loss needs an 'attributes' entry in every target dict")
+        logits = outputs["pred_attributes"][m.batch_idx, m.src_idx]  # [K, A]
+        target = padded.attributes[m.batch_idx, m.tgt_idx]  # [K], -1 = none
+        total = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
+        return {"loss_attr": total / (target >= 0).sum().clamp(min=1)}
+
+    def get_loss(self, loss: str, outputs, padded: PaddedTargets, m: Matching, num_boxes, **kwargs):
+        table = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes,
+                 "attributes": self.loss_attributes}
+        return table[loss](outputs, padded, m, num_boxes, **kwargs)
+
+    def match(self, layers: list[dict], targets: list[dict], padded: PaddedTargets) -> list[Matching]:
+        if hasattr(self.matcher, "match_layers"):
+            return self.matcher.match_layers(layers, targets, padded)
+        device = layers[0]["pred_logits"].device
+        return [Matching.from_pairs(self.matcher(layer, targets), device) for layer in layers]
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        layers = [main] + list(outputs.get("aux_outputs", []))
+        device = main["pred_logits"].device
+        padded = pad_targets(targets, device)
+        matchings = self.match(layers, targets, padded)
+        num_boxes = torch.full((), float(padded.total), device=device)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num_boxes)
+            world = dist.get_world_size()
+        num_boxes = torch.clamp(num_boxes / world, min=1)
+
+        losses = {}
+        for i, (layer, matching) in enumerate(zip(layers, matchings)):
+            suffix = "" if i == 0 else f"_{i - 1}"
+            for name in self.losses:
+                if name == "attributes" and i > 0 and "pred_attributes" not in layer:
+                    continue
+                kwargs = {"log": i == 0} if name == "labels" else {}
+                for key, value in self.get_loss(name, layer, padded, matching, num_boxes, **kwargs).items():
+                    losses[key + suffix] = value
+        return losses
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective: sum of losses[k] * weight_dict[k] over the keys weight_dict names."""
+        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
