@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 # torch first: the extension builds against the torch already installed (no build isolation).
 install:
 	$(PIP) install --quiet "setuptools>=64" wheel ninja
-	$(PIP) install --quiet "torch>=2.11" numpy scipy tqdm
+	$(PIP) install --quiet "torch>=2.11" torchvision numpy scipy tqdm
 	$(PIP) install --quiet --no-build-isolation -e ".[test]"
 
 test: install
@@ -17,9 +17,11 @@ test: install
 demo: install
 	$(PYTHON) -m e2evlp info
 	$(PYTHON) -m benchmarks.bench_lsap --device all --quick
+	$(PYTHON) -m benchmarks.bench_matcher --device all --quick
 
 bench: install
 	$(PYTHON) -m benchmarks.bench_lsap --device all
+	$(PYTHON) -m benchmarks.bench_matcher --device all
 
 # On a machine with an NVIDIA GPU and no network: build for that GPU only, run every test (the
 # cuda-marked ones included) and the GPU benchmarks; results land in benchmarks/results/ (and $OUT).

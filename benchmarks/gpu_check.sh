@@ -21,6 +21,7 @@ echo "== tests"
 $PYTHON -m pytest -q -p no:cacheprovider tests 2>&1 | tee benchmarks/results/gpu-check-tests.log | tail -n 15 || status=1
 echo "== benchmarks"
 $PYTHON -m benchmarks.bench_lsap --device cuda || status=1
+$PYTHON -m benchmarks.bench_matcher --device cuda || status=1
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/*cuda* benchmarks/results/gpu-check-tests.log "$OUT"/ 2>/dev/null || true
 fi

@@ -38,3 +38,14 @@ def detr_batch(sizes, queries: int, classes: int, generator: torch.Generator, dt
             t["attributes"] = torch.randint(-1, attributes, (n,), generator=generator).to(device)
         targets.append(t)
     return outputs, targets
+
+
+def matching_inputs(sizes, Q, C, seed, dtype=torch.float32, focal=False):
+    """Padded matching_cost inputs: logits, boxes, labels [B, T], target boxes [B, T, 4], counts [B]."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(sizes), max(sizes, default=0)
+    logits = torch.randn(B, Q, C if focal else C + 1, generator=g, dtype=dtype)
+    boxes = random_cxcywh(B * Q, g, dtype).view(B, Q, 4)
+    labels = torch.randint(0, C, (B, T), generator=g)
+    tboxes = random_cxcywh(B * T, g, dtype).view(B, T, 4)
+    return logits, boxes, labels, tboxes, torch.tensor(sizes)

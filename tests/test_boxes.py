@@ -5,7 +5,7 @@ import torch
 import torchvision.ops
 
 from e2evlp import ops, reference
-from tests.box_helpers import random_cxcywh, random_xyxy
+from tests.box_helpers import matching_inputs, random_cxcywh, random_xyxy
 
 
 def gen(seed=0):
@@ -157,16 +157,6 @@ def test_box_losses_half_inputs(dtype):
     torch.testing.assert_close(giou.float(), rgiou, rtol=1e-2, atol=1e-2)
     (l1.float().sum() + giou.float().sum()).backward()
     assert pred.grad.dtype == dtype and torch.isfinite(pred.grad.float()).all()
-
-
-def matching_inputs(sizes, Q, C, seed, dtype=torch.float32, focal=False):
-    g = gen(seed)
-    B, T = len(sizes), max(sizes, default=0)
-    logits = torch.randn(B, Q, C if focal else C + 1, generator=g, dtype=dtype)
-    boxes = random_cxcywh(B * Q, g, dtype).view(B, Q, 4)
-    labels = torch.randint(0, C, (B, T), generator=g)
-    tboxes = random_cxcywh(B * T, g, dtype).view(B, T, 4)
-    return logits, boxes, labels, tboxes, torch.tensor(sizes)
 
 
 @pytest.mark.parametrize("class_cost", ["softmax", "focal"])

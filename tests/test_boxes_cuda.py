@@ -7,8 +7,7 @@ import torch
 
 from e2evlp import nn as enn
 from e2evlp import ops
-from tests.box_helpers import detr_batch, random_cxcywh
-from tests.test_boxes import matching_inputs
+from tests.box_helpers import detr_batch, matching_inputs, random_cxcywh
 
 pytestmark = pytest.mark.cuda
 

@@ -84,8 +84,8 @@ class HungarianMatcher(nn.Module):
 
         logits = _stack_layers(layers, "pred_logits")  # [L·B, Q, C+1]
         boxes = _stack_layers(layers, "pred_boxes")  # [L·B, Q, 4]
-        counts = padded.num_targets.repeat(L)
-        cost = matching_cost(logits, boxes, padded.labels.repeat(L, 1), padded.boxes.repeat(L, 1, 1), counts,
+        counts, labels, tgt_boxes = (_tile(t, L) for t in (padded.num_targets, padded.labels, padded.boxes))
+        cost = matching_cost(logits, boxes, labels, tgt_boxes, counts,
                              w_class=self.cost_class, w_bbox=self.cost_bbox, w_giou=self.cost_giou,
                              class_cost=self.class_cost, focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma,
                              validate=False)  # [L·B, Q, T]
@@ -111,6 +111,11 @@ class HungarianMatcher(nn.Module):
 def _stack_layers(layers: list[dict], key: str) -> torch.Tensor:
     """The layers' `key` tensors one after another along the batch (no copy for a single layer)."""
     return layers[0][key] if len(layers) == 1 else torch.cat([layer[key] for layer in layers])
+
+
+def _tile(t: torch.Tensor, times: int) -> torch.Tensor:
+    """`times` copies of t one after another along dim 0 (t itself for one)."""
+    return t if times == 1 else t.repeat(times, *([1] * (t.dim() - 1)))
 
 
 def _diagnose(layers: list[dict], padded: PaddedTargets) -> str | None:
