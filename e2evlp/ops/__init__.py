@@ -1,6 +1,7 @@
 """Functional API of e2evlp's fast ops (compiled extension and Triton kernels), dispatched by device."""
 
 from e2evlp.ops.assignment import assignment_to_indices, linear_sum_assignment
+from e2evlp.ops.attention import attention, attention_varlen
 from e2evlp.ops.boxes import (
     box_area,
     box_cxcywh_to_xyxy,
@@ -15,7 +16,9 @@ from e2evlp.ops.dispatch import attention_backend
 
 __all__ = [
     "assignment_to_indices",
+    "attention",
     "attention_backend",
+    "attention_varlen",
     "box_area",
     "box_cxcywh_to_xyxy",
     "box_losses",

@@ -1,0 +1,382 @@
+"""FlashAttention-2-style Triton kernels: fused attention forward and deterministic backward, padded or varlen.
+
+One program owns a block of queries (forward, dQ) or of keys (dK/dV) of one (sequence, head) and
+walks the other side block by block with an online softmax in base 2. Masks: key padding [B, Lk],
+bottom-right causal, a bool or additive mask with arbitrary (broadcast) strides, and varlen
+sequences through cu_seqlens. Dropout keeps p's Philox stream by (seed, sequence, head) so the
+backward regenerates the forward's mask. Rows with no key get output 0, LSE = +inf, gradient 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(block_pairs, warps, stages):
+    if _interpreting():  # the interpreter runs programs one by one and cannot autotune
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n in block_pairs for w in warps for s in stages]
+
+
+FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64)], [4, 8], [2, 3])
+BWD_CONFIGS = _configs([(64, 64), (128, 64), (64, 128)], [4, 8], [2])
+AUTOTUNE_KEY = ["LQ", "LK", "D_PAD", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "IS_VARLEN", "HAS_DROPOUT"]
+
+
+@triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+        k_len = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        q_len = LQ
+        k_len = LK
+    return q_start, k_start, q_len, k_len
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
+            IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Base-2 scaled scores [BLOCK_M, BLOCK_N] with every mask applied (-inf where not allowed)."""
+    if FP32_DOT:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale
+    valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+    if IS_CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
+    if HAS_KPM:
+        padding = tl.load(KPM + b * s_kpm_b + offs_n, mask=offs_n < k_len, other=1)
+        valid = valid & (padding == 0)[None, :]
+    if MASK_KIND != 0:
+        mask_ptrs = MASK + b * s_mb + h * s_mh + offs_m[:, None] * s_mm + offs_n[None, :] * s_mn
+        in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+        if MASK_KIND == 1:
+            valid = valid & (tl.load(mask_ptrs, mask=in_range, other=0) != 0)
+        else:
+            s = s + tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _keep(seed, b, h, H, offs_m, offs_n, q_start, rng_cols, dropout_p):
+    """Dropout keep mask: a Philox stream per (sequence, head), one number per (query, key)."""
+    offsets = (q_start + offs_m)[:, None] * rng_cols + offs_n[None, :]
+    return tl.rand(seed + (b * H + h) * 1000003, offsets) >= dropout_p
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit
+def _attention_fwd(Q, K, V, O, LSE, KPM, MASK, CU_Q, CU_K,
+                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
+                   s_kpm_b, s_mb, s_mh, s_mm, s_mn,
+                   H, LQ, LK, sm_scale, dropout_p, seed, rng_cols,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, k_start, q_len, k_len = _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN)
+    if start_m * BLOCK_M < q_len:
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D_PAD)
+        q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :],
+                    mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634
+        hi = k_len
+        if IS_CAUSAL:  # keys beyond the block's last query (bottom-right) are never seen
+            hi = tl.minimum(k_len, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
+        k_base = K + b * s_kb + h * s_kh + k_start * s_kn
+        v_base = V + b * s_vb + h * s_vh + k_start * s_vn
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            k = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None],
+                        mask=(cols[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [D, N]
+            s = _scores(q, k, offs_m, cols, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm,
+                        s_mn, IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:
+                keep = _keep(seed, b, h, H, offs_m, cols, q_start, rng_cols, dropout_p)
+                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :],
+                        mask=(cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [N, D]
+            if FP32_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        row_ok = offs_m < q_len
+        tl.store(O + b * s_ob + h * s_oh + (q_start + offs_m)[:, None] * s_om + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+        tl.store(LSE + b * s_lb + h * s_lh + (q_start + offs_m) * s_lm, lse, mask=row_ok)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, b, h, H, q_start, q_len, k_len, qk_scale, KPM,
+                       s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
+                       IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Recomputes the (dropped) probabilities [M, N] and dS = P ∘ (dP − delta) for one tile."""
+    s = _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
+                IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT)
+    p = tl.exp2(s - lse[:, None])
+    if FP32_DOT:
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        dp = tl.dot(do, tl.trans(v))
+    p_dropped = p
+    if HAS_DROPOUT:
+        keep = _keep(seed, b, h, H, offs_m, offs_n, q_start, rng_cols, dropout_p)
+        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    ds = p * (dp - delta[:, None])
+    return p_dropped, ds
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit
+def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, MASK, CU_Q, CU_K,
+                        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
+                        s_kpm_b, s_mb, s_mh, s_mm, s_mn,
+                        H, LQ, LK, sm_scale, dropout_p, seed, rng_cols,
+                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                        HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, k_start, q_len, k_len = _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN)
+    if start_n * BLOCK_N < k_len:
+        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + b * s_kb + h * s_kh + (k_start + offs_n)[:, None] * s_kn + offs_d[None, :], mask=kv_mask,
+                    other=0.0)  # [N, D]
+        v = tl.load(V + b * s_vb + h * s_vh + (k_start + offs_n)[:, None] * s_vn + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634
+        lo = 0
+        if IS_CAUSAL:  # queries before the first one that sees this block's first key contribute nothing
+            lo = tl.maximum(start_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
+        q_base = Q + b * s_qb + h * s_qh + q_start * s_qm
+        do_base = DO + b * s_ob + h * s_oh + q_start * s_om
+        l_base = b * s_lb + h * s_lh + q_start * s_lm
+        for start_m in range(lo, q_len, BLOCK_M):
+            rows = start_m + offs_m
+            row_mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+            q = tl.load(q_base + rows[:, None] * s_qm + offs_d[None, :], mask=row_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * s_om + offs_d[None, :], mask=row_mask, other=0.0)
+            lse = tl.load(LSE + l_base + rows * s_lm, mask=rows < q_len, other=float("inf"))
+            delta = tl.load(DELTA + l_base + rows * s_lm, mask=rows < q_len, other=0.0)
+            p, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, rows, offs_n, b, h, H, q_start, q_len,
+                                       k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols,
+                                       dropout_p, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT)
+            if FP32_DOT:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        out_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+        tl.store(DK + b * s_kb + h * s_kh + (k_start + offs_n)[:, None] * s_kn + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + b * s_vb + h * s_vh + (k_start + offs_n)[:, None] * s_vn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit
+def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, MASK, CU_Q, CU_K,
+                      s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
+                      s_kpm_b, s_mb, s_mh, s_mm, s_mn,
+                      H, LQ, LK, sm_scale, dropout_p, seed, rng_cols,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                      MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                      FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, k_start, q_len, k_len = _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN)
+    if start_m * BLOCK_M < q_len:
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D_PAD)
+        row_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :], mask=row_mask,
+                    other=0.0)
+        do = tl.load(DO + b * s_ob + h * s_oh + (q_start + offs_m)[:, None] * s_om + offs_d[None, :],
+                     mask=row_mask, other=0.0)
+        l_ptrs = b * s_lb + h * s_lh + (q_start + offs_m) * s_lm
+        lse = tl.load(LSE + l_ptrs, mask=offs_m < q_len, other=float("inf"))
+        delta = tl.load(DELTA + l_ptrs, mask=offs_m < q_len, other=0.0)
+        dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634
+        hi = k_len
+        if IS_CAUSAL:
+            hi = tl.minimum(k_len, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
+        k_base = K + b * s_kb + h * s_kh + k_start * s_kn
+        v_base = V + b * s_vb + h * s_vh + k_start * s_vn
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            kv_mask = (cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            _, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, offs_m, cols, b, h, H, q_start, q_len,
+                                       k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols,
+                                       dropout_p, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT)
+            if FP32_DOT:
+                dq += tl.dot(ds, k, input_precision="ieee")
+            else:
+                dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _dropout_keep_kernel(OUT, H, LQ, LK, seed, rng_cols, dropout_p, BLOCK: tl.constexpr):
+    """Writes the forward's keep mask for a padded [B, H, LQ, LK] problem (tests and the reference)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    m = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK)
+    for start_n in range(0, LK, BLOCK):
+        cols = start_n + offs_n
+        keep = _keep(seed, b, h, H, tl.full([1], m, tl.int32), cols, 0, rng_cols, dropout_p)
+        tl.store(OUT + (bh * LQ + m) * LK + cols[None, :], keep.to(tl.int8), mask=cols[None, :] < LK)
+
+
+class Problem:
+    """Tensors, strides and flags of one attention call, padded ([B, H, L, D]) or varlen ([total, H, D])."""
+
+    def __init__(self, q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                 causal, scale, dropout_p, seed):
+        self.varlen = cu_seqlens_q is not None
+        self.q, self.k, self.v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if self.varlen:
+            self.B, self.H = len(cu_seqlens_q) - 1, q.shape[1]
+            self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
+        else:
+            self.B, self.H = q.shape[0], q.shape[1]
+            self.cu_q = self.cu_k = q  # unused pointers
+        self.LQ, self.LK, self.D = int(max_seqlen_q), int(max_seqlen_k), q.shape[-1]
+        self.d_pad = max(16, triton.next_power_of_2(self.D))
+        self.causal, self.scale, self.dropout_p, self.seed = bool(causal), float(scale), float(dropout_p), int(seed)
+        self.kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+        if attn_mask is None:
+            self.mask, self.mask_kind = None, MASK_NONE
+        else:
+            is_bool = attn_mask.dtype == torch.bool
+            # Convert before expanding: a broadcast mask stays a stride-0 view, never materialized.
+            self.mask = (attn_mask.to(torch.uint8) if is_bool else attn_mask).expand(self.B, self.H, self.LQ, self.LK)
+            self.mask_kind = MASK_BOOL if is_bool else MASK_ADD
+
+    def strides(self, t):
+        """(batch, head, row) strides of q/k/v-shaped tensors; batch is 0 for varlen (rows carry it)."""
+        if self.varlen:
+            return 0, t.stride(1), t.stride(0)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def lse_strides(self, lse):
+        return (0, lse.stride(1), lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1), lse.stride(2))
+
+    def new_lse(self):
+        shape = (self.q.shape[0], self.H) if self.varlen else (self.B, self.H, self.LQ)
+        return torch.empty(shape, dtype=torch.float32, device=self.q.device)
+
+    def common_args(self, o_like, lse):
+        kpm = self.kpm if self.kpm is not None else self.q
+        mask = self.mask if self.mask is not None else self.q
+        mask_strides = tuple(self.mask.stride()) if self.mask is not None else (0, 0, 0, 0)
+        return dict(
+            KPM=kpm, MASK=mask, CU_Q=self.cu_q, CU_K=self.cu_k,
+            s_qb=self.strides(self.q)[0], s_qh=self.strides(self.q)[1], s_qm=self.strides(self.q)[2],
+            s_kb=self.strides(self.k)[0], s_kh=self.strides(self.k)[1], s_kn=self.strides(self.k)[2],
+            s_vb=self.strides(self.v)[0], s_vh=self.strides(self.v)[1], s_vn=self.strides(self.v)[2],
+            s_ob=self.strides(o_like)[0], s_oh=self.strides(o_like)[1], s_om=self.strides(o_like)[2],
+            s_lb=self.lse_strides(lse)[0], s_lh=self.lse_strides(lse)[1], s_lm=self.lse_strides(lse)[2],
+            s_kpm_b=self.kpm.stride(0) if self.kpm is not None else 0,
+            s_mb=mask_strides[0], s_mh=mask_strides[1], s_mm=mask_strides[2], s_mn=mask_strides[3],
+            H=self.H, LQ=self.LQ, LK=self.LK, sm_scale=self.scale, dropout_p=self.dropout_p, seed=self.seed,
+            rng_cols=max(self.LK, 1), HEAD_DIM=self.D, D_PAD=self.d_pad, IS_CAUSAL=self.causal,
+            HAS_KPM=self.kpm is not None, MASK_KIND=self.mask_kind, IS_VARLEN=self.varlen,
+            HAS_DROPOUT=self.dropout_p > 0, FP32_DOT=self.q.dtype == torch.float32,
+        )
+
+
+def forward(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            scale, dropout_p, seed):
+    """Returns (out like q, lse float32: [B, H, Lq] padded or [total_q, H] varlen; base-2 of scaled scores)."""
+    problem = Problem(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      causal, scale, dropout_p, seed)
+    out = torch.empty(problem.q.shape, dtype=q.dtype, device=q.device)
+    lse = problem.new_lse()
+    if out.numel() == 0 or problem.LQ == 0:
+        return out, lse.fill_(float("inf"))
+    grid = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)  # noqa: E731
+    _attention_fwd[grid](problem.q, problem.k, problem.v, out, lse, **problem.common_args(out, lse))
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+             max_seqlen_k, causal, scale, dropout_p, seed):
+    """Returns (dq, dk, dv): a delta preprocess, then a dK/dV pass and a dQ pass, without atomics."""
+    problem = Problem(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      causal, scale, dropout_p, seed)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (problem.q, problem.k, problem.v))
+    if problem.q.numel() == 0 or problem.k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (do.float() * out.float()).sum(-1)  # [B, H, Lq] or [total_q, H], like lse
+    if delta.stride() != lse.stride():
+        delta = delta.contiguous()
+    args = problem.common_args(do, lse)
+    grid_kv = lambda meta: (triton.cdiv(problem.LK, meta["BLOCK_N"]), problem.B * problem.H)  # noqa: E731
+    _attention_bwd_dkdv[grid_kv](problem.q, problem.k, problem.v, do, lse, delta, dk, dv, **args)
+    grid_q = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)  # noqa: E731
+    _attention_bwd_dq[grid_q](problem.q, problem.k, problem.v, do, lse, delta, dq, **args)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, device) -> torch.Tensor:
+    """The bool keep mask [B, H, Lq, Lk] that padded forward/backward use for (dropout_p, seed)."""
+    out = torch.empty(B, H, Lq, Lk, dtype=torch.int8, device=device)
+    if out.numel():
+        _dropout_keep_kernel[(Lq, B * H)](out, H, Lq, Lk, seed, max(Lk, 1), dropout_p, BLOCK=16)
+    return out.bool()
