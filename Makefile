@@ -18,10 +18,12 @@ demo: install
 	$(PYTHON) -m e2evlp info
 	$(PYTHON) -m benchmarks.bench_lsap --device all --quick
 	$(PYTHON) -m benchmarks.bench_matcher --device all --quick
+	$(PYTHON) -m benchmarks.bench_attention --device cpu --quick
 
 bench: install
 	$(PYTHON) -m benchmarks.bench_lsap --device all
 	$(PYTHON) -m benchmarks.bench_matcher --device all
+	$(PYTHON) -m benchmarks.bench_attention --device cpu
 
 # On a machine with an NVIDIA GPU and no network: build for that GPU only, run every test (the
 # cuda-marked ones included) and the GPU benchmarks; results land in benchmarks/results/ (and $OUT).

@@ -1,7 +1,14 @@
-"""Shared pytest setup: the `cuda` marker skips cleanly without a GPU."""
+"""Shared pytest setup: the `cuda` marker skips cleanly without a GPU; without one, Triton interprets."""
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Before anything imports triton: the attention kernels then run in Triton's CPU interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from e2evlp import reference
 from e2evlp.ops.dispatch import attention_backend
+from e2evlp.reference.attention import allowed_keys
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -25,14 +26,14 @@ def _check_qkv(q, k, v, packed: bool) -> None:
             raise ValueError(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
     if not q.dtype.is_floating_point:
         raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
-    if k.shape != v.shape[:-1] + (k.shape[-1],) or k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"k and v must agree on all but the last dim, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q, k and v must share the head dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
-    head_dims = q.shape[:-2] if packed else q.shape[:2]
-    key_dims = k.shape[:-2] if packed else k.shape[:2]
-    if (packed and q.shape[1] != k.shape[1]) or (not packed and head_dims != key_dims):
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and heads")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    shared = (q.shape[1:2], k.shape[1:2]) if packed else (q.shape[:2], k.shape[:2])
+    if shared[0] != shared[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on " + ("heads" if packed else
+                         "batch and heads"))
 
 
 def _check_masks(q, k, key_padding_mask, attn_mask) -> None:
@@ -46,12 +47,12 @@ def _check_masks(q, k, key_padding_mask, attn_mask) -> None:
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
             raise TypeError(f"attn_mask must be bool (True = attend) or an additive float mask, got {attn_mask.dtype}")
         try:
-            torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk))
-        except RuntimeError as exc:
+            fits = torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk)) == (B, H, Lq, Lk)
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"[B, H, Lq, Lk] = {[B, H, Lq, Lk]}") from exc
-        if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk)) != (B, H, Lq, Lk):
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {[B, H, Lq, Lk]}")
+                             f"[B, H, Lq, Lk] = {[B, H, Lq, Lk]}")
     for name, t in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -131,7 +132,7 @@ def _sdpa(q, k, v, key_padding_mask, attn_mask, causal, scale, dropout_p):
     Lk = k.shape[2]
     if key_padding_mask is None and attn_mask is None and (not causal or Lq == Lk):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and Lq > 0, scale=scale)
-    allowed, additive = reference.allowed_keys(B, H, Lq, Lk, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+    allowed, additive = allowed_keys(B, H, Lq, Lk, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                                                causal=causal, device=q.device)
     if additive is not None:
         allowed = allowed & ~torch.isneginf(additive)
