@@ -9,14 +9,13 @@ as DETR's matcher does. Every implementation's total cost is checked against sci
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 
 import numpy as np
 import scipy.optimize
 import torch
 
-from benchmarks.common import environment, make_record, markdown_table, time_interleaved, write_results
+from benchmarks.common import bench_arguments, environment, make_record, markdown_table, time_interleaved, write_results
 from e2evlp import ops, reference
 
 PAD_COST = 1e6  # what peers without padding support see in padded columns
@@ -107,17 +106,7 @@ def run(device: str, quick: bool, repeat: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--quick", action="store_true", help="fewer, smaller cases (the demo)")
-    parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not torch.cuda.is_available():
-        if args.device == "cuda":
-            parser.error("--device cuda but no GPU is visible")
-        devices.remove("cuda")
+    args, devices = bench_arguments(__doc__, "fewer, smaller cases (the demo)", argv)
     repeat = args.repeat or (5 if args.quick else 15)
     records = []
     for device in devices:

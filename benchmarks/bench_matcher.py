@@ -12,12 +12,11 @@ same losses).
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
 
-from benchmarks.common import environment, make_record, markdown_table, time_interleaved, write_results
+from benchmarks.common import bench_arguments, environment, make_record, markdown_table, time_interleaved, write_results
 from e2evlp import nn as enn
 from e2evlp import reference
 
@@ -124,17 +123,7 @@ def run(device: str, quick: bool, repeat: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--quick", action="store_true", help="one small case (the demo)")
-    parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not torch.cuda.is_available():
-        if args.device == "cuda":
-            parser.error("--device cuda but no GPU is visible")
-        devices.remove("cuda")
+    args, devices = bench_arguments(__doc__, "one small case (the demo)", argv)
     records = []
     for device in devices:
         repeat = args.repeat or (3 if device == "cpu" else 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -138,3 +139,20 @@ def markdown_table(records: list[dict], baseline: str | None = None) -> str:
             row.append(f"{times[baseline] / times[i]:.2f}x" if ok else "—")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def bench_arguments(doc: str, quick_help: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The benchmarks' shared command line (--device cpu|cuda|all, --quick, --repeat, --out) and the
+    devices to run on; asking for CUDA explicitly without a GPU is an error, `all` just skips it."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            parser.error("--device cuda but no GPU is visible")
+        devices.remove("cuda")
+    return args, devices

@@ -36,7 +36,11 @@ AUTOTUNE_KEY = ["LQ", "LK", "D_PAD", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "IS_VA
 
 
 @triton.jit
-def _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN: tl.constexpr):
+def _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN: tl.constexpr):
+    """This program's (batch, head) from grid axis 1, and its sequence's start rows and lengths."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
     if IS_VARLEN:
         q_start = tl.load(CU_Q + b)
         k_start = tl.load(CU_K + b)
@@ -47,7 +51,7 @@ def _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN: tl.constexpr):
         k_start = 0
         q_len = LQ
         k_len = LK
-    return q_start, k_start, q_len, k_len
+    return b, h, q_start, k_start, q_len, k_len
 
 
 @triton.jit
@@ -92,10 +96,7 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, MASK, CU_Q, CU_K,
                    MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, k_start, q_len, k_len = _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN)
+    b, h, q_start, k_start, q_len, k_len = _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN)
     if start_m * BLOCK_M < q_len:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -174,10 +175,7 @@ def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, MASK, CU_Q, CU_K,
                         HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, k_start, q_len, k_len = _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN)
+    b, h, q_start, k_start, q_len, k_len = _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN)
     if start_n * BLOCK_N < k_len:
         offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -229,10 +227,7 @@ def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, MASK, CU_Q, CU_K,
                       MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                       FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, k_start, q_len, k_len = _sequence_bounds(CU_Q, CU_K, b, LQ, LK, IS_VARLEN)
+    b, h, q_start, k_start, q_len, k_len = _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN)
     if start_m * BLOCK_M < q_len:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
