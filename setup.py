@@ -53,8 +53,8 @@ if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home
     os.environ.setdefault("CUDA_PATH", _cuda_home)
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 
 def _want_cuda() -> bool:

@@ -15,7 +15,14 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from benchmarks.common import bench_arguments, environment, make_record, markdown_table, time_interleaved, write_results
+from benchmarks.common import (
+    bench_arguments,
+    environment,
+    make_record,
+    markdown_table,
+    time_interleaved,
+    write_results,
+)
 from e2evlp import ops, reference
 
 PAD_COST = 1e6  # what peers without padding support see in padded columns

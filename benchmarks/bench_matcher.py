@@ -12,11 +12,17 @@ same losses).
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
-from benchmarks.common import bench_arguments, environment, make_record, markdown_table, time_interleaved, write_results
+from benchmarks.common import (
+    bench_arguments,
+    environment,
+    make_record,
+    markdown_table,
+    time_interleaved,
+    write_results,
+)
 from e2evlp import nn as enn
 from e2evlp import reference
 

@@ -24,7 +24,7 @@ def recorded_build() -> dict | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     """Returns (module, None) or (None, reason)."""
     built = recorded_build()
@@ -47,7 +47,7 @@ def _load():
     return _C, None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _with_cuda(module) -> bool:
     return bool(module.build_info()["with_cuda"])
 

@@ -283,7 +283,9 @@ class Problem:
     def __init__(self, q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  causal, scale, dropout_p, seed):
         self.varlen = cu_seqlens_q is not None
-        self.q, self.k, self.v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        # Rows may have any stride, but the head dim must be unit-stride and nothing may overlap.
+        self.q, self.k, self.v = (t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
+                                  for t in (q, k, v))
         if self.varlen:
             self.B, self.H = len(cu_seqlens_q) - 1, q.shape[1]
             self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
@@ -344,7 +346,7 @@ def forward(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, ma
     lse = problem.new_lse()
     if out.numel() == 0 or problem.LQ == 0:
         return out, lse.fill_(float("inf"))
-    grid = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)
     _attention_fwd[grid](problem.q, problem.k, problem.v, out, lse, **problem.common_args(out, lse))
     return out, lse
 
@@ -355,16 +357,18 @@ def backward(do, q, k, v, out, lse, key_padding_mask, attn_mask, cu_seqlens_q, c
     problem = Problem(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       causal, scale, dropout_p, seed)
     do = do if do.stride(-1) == 1 else do.contiguous()
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (problem.q, problem.k, problem.v))
+    # The gradients are written with the strides of q, k and v: give them exactly those strides.
+    dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                  for t in (problem.q, problem.k, problem.v))
     if problem.q.numel() == 0 or problem.k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = (do.float() * out.float()).sum(-1)  # [B, H, Lq] or [total_q, H], like lse
     if delta.stride() != lse.stride():
         delta = delta.contiguous()
     args = problem.common_args(do, lse)
-    grid_kv = lambda meta: (triton.cdiv(problem.LK, meta["BLOCK_N"]), problem.B * problem.H)  # noqa: E731
+    grid_kv = lambda meta: (triton.cdiv(problem.LK, meta["BLOCK_N"]), problem.B * problem.H)
     _attention_bwd_dkdv[grid_kv](problem.q, problem.k, problem.v, do, lse, delta, dk, dv, **args)
-    grid_q = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)  # noqa: E731
+    grid_q = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)
     _attention_bwd_dq[grid_q](problem.q, problem.k, problem.v, do, lse, delta, dq, **args)
     return dq, dk, dv
 

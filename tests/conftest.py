@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     # Before anything imports triton: the attention kernels then run in Triton's CPU interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):

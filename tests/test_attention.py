@@ -75,6 +75,16 @@ def test_head_dims(head_dim):
     assert_close_to_reference(*qkv(1, 1, 9, 13, head_dim, seed=head_dim))
 
 
+def test_strided_inputs():
+    """[B, L, H, D] projections viewed as [B, H, L, D], and a slice: gradients keep their strides right."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, n, 3, 32, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+               for n in (9, 14, 14))
+    assert_close_to_reference(q, k, v, causal=True)
+    wide = torch.randn(2, 3, 14, 64, generator=g).to(DEVICE)
+    assert_close_to_reference(q, wide[..., :32].requires_grad_(), wide[..., 32:].requires_grad_())
+
+
 def test_key_padding_and_fully_padded_rows_give_zero():
     q, k, v = qkv(3, 2, 7, 11, 32, seed=4)
     kpm = torch.zeros(3, 11, dtype=torch.bool, device=DEVICE)
@@ -147,7 +157,8 @@ def test_dropout_statistics_determinism_and_gradients():
     ref = reference.attention(q64, k64, v64, dropout_p=0.3, dropout_mask=keep)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q64, k64, v64), grad.double())):
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 

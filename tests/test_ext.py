@@ -36,7 +36,8 @@ def test_missing_build_is_explained(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fail_on_ext)
     monkeypatch.setattr(_ext, "recorded_build", lambda: {"torch": "2.0.0"})
     try:
-        with pytest.raises(_ext.ExtensionError, match=r"built against torch 2\.0\.0 but torch .* is installed; rebuild"):
+        expected = r"built against torch 2\.0\.0 but torch .* is installed; rebuild"
+        with pytest.raises(_ext.ExtensionError, match=expected):
             _ext.require()
         _ext._load.cache_clear()
         monkeypatch.setattr(_ext, "recorded_build", lambda: None)

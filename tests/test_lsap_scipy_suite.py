@@ -6,7 +6,7 @@ import torch
 
 scipy_suite = pytest.importorskip("scipy.optimize.tests.test_linear_assignment")
 
-from e2evlp import ops  # noqa: E402
+from e2evlp import ops
 
 
 def scipy_signature_adapter(cost_matrix, maximize=False):

@@ -40,7 +40,7 @@ def test_matcher_total_cost_equals_detr(case, class_cost):
         outputs["pred_logits"] = outputs["pred_logits"][..., :-1]
     ours = enn.HungarianMatcher(**WEIGHTS, class_cost=class_cost)(outputs, targets)
     detr = reference.HungarianMatcher(**WEIGHTS, class_cost=class_cost)(outputs, targets)
-    for (i, j), (ri, rj), n in zip(ours, detr, SIZES[case]):
+    for (i, j), (ri, _), n in zip(ours, detr, SIZES[case]):
         assert i.dtype == j.dtype == torch.int64
         assert len(i) == len(j) == len(ri) == min(10, n)
         assert torch.all(i[1:] > i[:-1]), "index_i must ascend"

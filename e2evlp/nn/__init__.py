@@ -1,7 +1,17 @@
-"""Drop-in modules built on e2evlp's fast ops: HungarianMatcher, SetCriterion (and, later, attention layers)."""
+"""Drop-in modules on e2evlp's fast ops: matcher, set criterion, MultiheadAttention, transformer layers."""
 
+from e2evlp.nn.attention import DecoderBlock, MultiheadAttention, SelfAttentionBlock
 from e2evlp.nn.criterion import SetCriterion
 from e2evlp.nn.matcher import HungarianMatcher, Matching
 from e2evlp.nn.targets import PaddedTargets, pad_targets
 
-__all__ = ["HungarianMatcher", "Matching", "PaddedTargets", "SetCriterion", "pad_targets"]
+__all__ = [
+    "DecoderBlock",
+    "HungarianMatcher",
+    "Matching",
+    "MultiheadAttention",
+    "PaddedTargets",
+    "SelfAttentionBlock",
+    "SetCriterion",
+    "pad_targets",
+]

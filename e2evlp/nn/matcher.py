@@ -105,7 +105,7 @@ class HungarianMatcher(nn.Module):
         src, tgt = order.flatten()[index], matched_cols.flatten()[index]
         batch = host_to_device(np.repeat(np.arange(B, dtype=np.int64), per_image), device)
         K = sum(per_image)
-        return [Matching(batch, src[l * K:(l + 1) * K], tgt[l * K:(l + 1) * K], per_image) for l in range(L)]
+        return [Matching(batch, src[i * K:(i + 1) * K], tgt[i * K:(i + 1) * K], per_image) for i in range(L)]
 
 
 def _stack_layers(layers: list[dict], key: str) -> torch.Tensor:

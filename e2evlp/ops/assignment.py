@@ -34,7 +34,8 @@ def _checked_counts(counts: Counts, name: str, batch: int, device: torch.device,
         try:
             tensor = torch.as_tensor(counts, dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{name} must be an int64 tensor or a sequence of ints, got {type(counts).__name__}") from exc
+            raise TypeError(f"{name} must be an int64 tensor or a sequence of ints, "
+                            f"got {type(counts).__name__}") from exc
     if single and tensor.dim() == 0:
         tensor = tensor.reshape(1)
     if tensor.dim() != 1 or tensor.shape[0] != batch:

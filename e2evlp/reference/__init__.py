@@ -5,4 +5,13 @@ from e2evlp.reference.attention import attention, attention_varlen
 from e2evlp.reference.boxes import box_losses, cost_block, matching_cost
 from e2evlp.reference.matcher import HungarianMatcher, SetCriterion
 
-__all__ = ["HungarianMatcher", "SetCriterion", "attention", "attention_varlen", "box_losses", "cost_block", "linear_sum_assignment", "matching_cost"]
+__all__ = [
+    "HungarianMatcher",
+    "SetCriterion",
+    "attention",
+    "attention_varlen",
+    "box_losses",
+    "cost_block",
+    "linear_sum_assignment",
+    "matching_cost",
+]

@@ -26,6 +26,22 @@ def allowed_keys(B: int, H: int, Lq: int, Lk: int, *, key_padding_mask=None, att
     return allowed, additive
 
 
+def attention_weights(q, k, *, key_padding_mask=None, attn_mask=None, causal=False, scale=None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + masks) [B, H, Lq, Lk] in float32 (float64 for float64 inputs); rows of a
+    query with no key left are 0."""
+    B, H, Lq, D = q.shape
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    allowed, additive = allowed_keys(B, H, Lq, k.shape[-2], key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                     causal=causal, device=q.device)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+    if additive is not None:
+        scores = scores + additive.to(compute)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    empty = torch.isneginf(scores).all(-1, keepdim=True)  # [.., Lq, 1]: no key to attend to
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+
+
 def attention(q, k, v, *, key_padding_mask=None, attn_mask=None, causal=False, scale=None, dropout_p=0.0,
               dropout_mask=None) -> torch.Tensor:
     """softmax(q kᵀ · scale + masks) v over [B, H, L, D]; a query with no key left gets 0.
@@ -33,22 +49,12 @@ def attention(q, k, v, *, key_padding_mask=None, attn_mask=None, causal=False, s
     `dropout_mask` (bool, True = keep, broadcastable to [B, H, Lq, Lk]) makes dropout reproducible;
     without it, dropout draws from torch's generator.
     """
-    B, H, Lq, D = q.shape
-    Lk = k.shape[-2]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    allowed, additive = allowed_keys(B, H, Lq, Lk, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                                     causal=causal, device=q.device)
-    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
-    if additive is not None:
-        scores = scores + additive.to(compute)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    empty = torch.isneginf(scores).all(-1, keepdim=True)  # [.., Lq, 1]: no key to attend to
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    probs = attention_weights(q, k, key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal,
+                              scale=scale)
     if dropout_p > 0:
         keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= dropout_p
         probs = probs * keep / (1 - dropout_p)
-    return torch.matmul(probs, v.to(compute)).to(q.dtype)
+    return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
