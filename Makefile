@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 # torch first: the extension builds against the torch already installed (no build isolation).
 install:
 	$(PIP) install --quiet "setuptools>=64" wheel ninja
-	$(PIP) install --quiet "torch>=2.11" torchvision numpy scipy tqdm
+	$(PIP) install --quiet "torch>=2.11" torchvision numpy scipy tqdm transformers safetensors pillow
 	$(PIP) install --quiet --no-build-isolation -e ".[test]"
 
 test: install

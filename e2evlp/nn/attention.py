@@ -10,13 +10,13 @@ from e2evlp import ops
 from e2evlp.reference.attention import attention_weights
 
 
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, L, C] -> [B, H, L, C/H]."""
     B, L, C = x.shape
     return x.view(B, L, num_heads, C // num_heads).transpose(1, 2)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, L, D] -> [B, L, H*D]."""
     B, H, L, D = x.shape
     return x.transpose(1, 2).reshape(B, L, H * D)
@@ -201,7 +201,7 @@ class MultiheadAttention(nn.Module):
             padding = _pad_last(padding, len(extra), False)
             mask = _pad_last(mask, len(extra), True if mask is not None and mask.dtype == torch.bool else 0.0)
 
-        q, k, v = (_split_heads(x, self.num_heads) for x in (q, k, v))  # [B, H, L, D]
+        q, k, v = (split_heads(x, self.num_heads) for x in (q, k, v))  # [B, H, L, D]
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -212,7 +212,7 @@ class MultiheadAttention(nn.Module):
         else:
             out = ops.attention(q, k, v, key_padding_mask=padding, attn_mask=mask, causal=causal,
                                  dropout_p=dropout_p)
-        out = self.out_proj(_merge_heads(out))  # [B, Lq, E]
+        out = self.out_proj(merge_heads(out))  # [B, Lq, E]
         if not batched:
             out = out[0]
         elif not self.batch_first:
@@ -244,11 +244,11 @@ class QKVAttention(nn.Module):
     def forward(self, query, key, value, key_padding_mask=None, causal=False):
         """query [B, Lq, C], key/value [B, Lk, C], key_padding_mask bool [B, Lk] (True = ignore) -> the
         heads' outputs concatenated, [B, Lq, C], before any output dense."""
-        q, k, v = (_split_heads(proj(x), self.num_heads)
+        q, k, v = (split_heads(proj(x), self.num_heads)
                    for proj, x in ((self.query, query), (self.key, key), (self.value, value)))
         out = ops.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
                              dropout_p=self.attention_dropout if self.training else 0.0)  # [B, H, Lq, D]
-        return _merge_heads(out)
+        return merge_heads(out)
 
 
 class SelfAttentionBlock(nn.Module):

@@ -1,0 +1,101 @@
+"""save_pretrained / from_pretrained for every e2evlp model: config.json + model.safetensors, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+from torch import nn
+
+from e2evlp.models.config import E2EVLPConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Calls write(tmp_path) on a temporary file beside `path`, then renames it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_config(directory: str | os.PathLike, **overrides) -> E2EVLPConfig:
+    """The E2EVLPConfig saved in `directory`; a checkpoint of another model type is refused."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a save_pretrained directory")
+    fields = json.loads(path.read_text())
+    if fields.get("model_type") != E2EVLPConfig.model_type:
+        raise ValueError(f"{directory} holds a {fields.get('model_type')!r} checkpoint, expected "
+                         f"model_type {E2EVLPConfig.model_type!r}")
+    fields.update(overrides)
+    return E2EVLPConfig.from_dict(fields)
+
+
+class PretrainedModule(nn.Module):
+    """Adds save_pretrained / from_pretrained; subclasses take an E2EVLPConfig as their first argument."""
+
+    config: E2EVLPConfig
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        tensors = {k: v.contiguous() for k, v in _without_tied_aliases(self.state_dict()).items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **config_overrides):
+        """Builds the model from `directory`'s config and loads its weights. A task model loads from a
+        pre-training checkpoint: weights the task does not use are skipped; missing ones are an error,
+        except the task's own new heads, which keep their initialization (listed in `.new_weights`)."""
+        model = cls(read_config(directory, **config_overrides))
+        path = Path(directory) / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+        saved = safetensors.torch.load_file(path)
+        own = model.state_dict()
+        if not any(k in saved for k in own) and any(k.startswith("model.") for k in saved):
+            saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}  # the bare trunk
+        missing = [k for k in own if k not in saved and k not in _tied_to(own, saved)]
+        new_heads = tuple(getattr(cls, "task_heads", ()))
+        lacking = [k for k in missing if not (new_heads and k.startswith(new_heads))]
+        if lacking:
+            raise ValueError(f"{path} lacks weights this {cls.__name__} needs: {lacking[:8]}"
+                             + (" ..." if len(lacking) > 8 else ""))
+        model.load_state_dict({k: v for k, v in saved.items() if k in own}, strict=False)
+        model.new_weights = missing
+        return model
+
+
+def _without_tied_aliases(state: dict) -> dict:
+    """One entry per shared tensor, under its trunk name (model.*) when it has one."""
+    chosen: dict[int, str] = {}
+    for key in sorted(state, key=lambda k: (not k.startswith("model."), k)):
+        if state[key].numel():
+            chosen.setdefault(state[key].data_ptr(), key)
+    keep = set(chosen.values())
+    return {k: v for k, v in state.items() if k in keep or not v.numel()}
+
+
+def _tied_to(own: dict, saved: dict) -> set[str]:
+    """Keys of `own` that share their tensor with another key that `saved` provides."""
+    by_pointer: dict[int, list[str]] = {}
+    for key, value in own.items():
+        if value.numel():
+            by_pointer.setdefault(value.data_ptr(), []).append(key)
+    tied = set()
+    for keys in by_pointer.values():
+        if len(keys) > 1 and any(k in saved for k in keys):
+            tied.update(keys)
+    return tied

@@ -1,0 +1,116 @@
+"""E2EVLPForPretraining: masked LM, image-text matching, detection with attributes, and captioning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e2evlp import nn as enn
+from e2evlp import reference
+from e2evlp.models.config import E2EVLPConfig
+from e2evlp.models.heads import LMHead
+from e2evlp.models.model import E2EVLPModel, init_bert_weights
+from e2evlp.models.pretrained import PretrainedModule
+
+DETECTION_LOSSES = ["labels", "boxes", "cardinality", "attributes"]
+
+
+@dataclass
+class PretrainingOutput:
+    loss: torch.Tensor | None  # the weighted sum of `losses`
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # mlm, itm, detection, caption (those run)
+    detection_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # SetCriterion's, unweighted
+    detection_outputs: dict | None = None
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens; 0 (not NaN) when none is labelled."""
+    total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index,
+                            reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def detection_criterion(config: E2EVLPConfig) -> nn.Module:
+    """SetCriterion with attributes; e2evlp's fused one, or DETR's (reference) for kernels="reference"."""
+    per_layer = {"loss_ce": config.class_loss_coef, "loss_bbox": config.bbox_loss_coef,
+                 "loss_giou": config.giou_loss_coef, "loss_attr": config.attribute_loss_coef}
+    weight_dict = dict(per_layer)
+    for i in range(config.num_decoder_layers - 1):
+        weight_dict.update({f"{k}_{i}": w for k, w in per_layer.items()})
+    costs = dict(cost_class=config.match_cost_class, cost_bbox=config.match_cost_bbox,
+                 cost_giou=config.match_cost_giou)
+    module = enn if config.kernels == "fused" else reference
+    return module.SetCriterion(config.num_classes, module.HungarianMatcher(**costs), weight_dict, config.eos_coef,
+                               DETECTION_LOSSES, num_attributes=config.num_attributes)
+
+
+class E2EVLPForPretraining(PretrainedModule):
+    """The four pre-training tasks on one shared E2EVLPModel (``.model``).
+
+    * ``mlm``: masked tokens (already masked in ``input_ids`` by the data; ``mlm_labels`` holds the
+      originals, -100 elsewhere) predicted from the joint encoding of image and text;
+    * ``itm``: ``itm_labels`` (1 = the text describes the image) from the pooled [CLS] state;
+    * ``detection``: the decoder's object queries against ``targets`` (DETR's dicts: labels, boxes
+      cxcywh, attributes with -1 = none), Hungarian matching, CE + L1 + GIoU + attribute losses on
+      every decoder layer, weighted by the config's coefficients;
+    * ``caption``: next-token prediction of ``caption_ids`` by the decoder over the image encoded
+      *alone*, so the caption never reaches the decoder through the encoder.
+    Each task runs only when its inputs are given; ``loss`` is the config-weighted sum.
+    """
+
+    task_heads = ("mlm_head", "itm_head", "caption_head")
+
+    def __init__(self, config: E2EVLPConfig):
+        super().__init__()
+        self.config = config
+        self.model = E2EVLPModel(config)
+        words = self.model.embeddings.word_embeddings
+        self.mlm_head = LMHead(config.hidden_size, words, config.layer_norm_eps)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.caption_head = LMHead(config.hidden_size, words, config.layer_norm_eps)
+        init_bert_weights(self.itm_head)
+        self.criterion = detection_criterion(config)
+
+    def forward(self, pixel_values=None, pixel_mask=None, input_ids=None, attention_mask=None, mlm_labels=None,
+                itm_labels=None, targets=None, caption_ids=None, caption_mask=None,
+                token_type_ids=None) -> PretrainingOutput:
+        out = PretrainingOutput(loss=None)
+        joint = None
+        if mlm_labels is not None or itm_labels is not None or targets is not None:
+            if mlm_labels is not None and input_ids is None:
+                raise ValueError("mlm_labels need input_ids")
+            joint = self.model.encode(input_ids, attention_mask, pixel_values, pixel_mask, token_type_ids)
+        if mlm_labels is not None:
+            if mlm_labels.shape != input_ids.shape:
+                raise ValueError(f"mlm_labels must match input_ids {tuple(input_ids.shape)}, got "
+                                 f"{tuple(mlm_labels.shape)}")
+            text = joint.hidden[:, : joint.num_text]  # [B, Lt, C]
+            out.losses["mlm"] = token_cross_entropy(self.mlm_head(text), mlm_labels)
+        if itm_labels is not None:
+            logits = self.itm_head(self.model.pooler(joint.hidden))  # [B, 2]
+            out.losses["itm"] = F.cross_entropy(logits.float(), itm_labels)
+        if targets is not None:
+            if len(targets) != joint.hidden.shape[0]:
+                raise ValueError(f"got {len(targets)} target dicts for {joint.hidden.shape[0]} images")
+            out.detection_outputs = self.model.detect(joint)
+            out.detection_losses = self.criterion(out.detection_outputs, targets)
+            out.losses["detection"] = sum(out.detection_losses[k] * w for k, w in self.criterion.weight_dict.items()
+                                          if k in out.detection_losses)
+        if caption_ids is not None:
+            if pixel_values is None:
+                raise ValueError("the caption task needs pixel_values")
+            image_only = self.model.encode(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            hidden = self.model.decode(image_only, caption_ids[:, :-1],
+                                       None if caption_mask is None else caption_mask[:, :-1])
+            labels = caption_ids[:, 1:]
+            if caption_mask is not None:
+                labels = labels.masked_fill(caption_mask[:, 1:] == 0, -100)
+            out.losses["caption"] = token_cross_entropy(self.caption_head(hidden), labels)
+        weights = {"mlm": self.config.mlm_weight, "itm": self.config.itm_weight,
+                   "detection": self.config.detection_weight, "caption": self.config.caption_weight}
+        if out.losses:
+            out.loss = sum(weights[k] * v for k, v in out.losses.items())
+        return out

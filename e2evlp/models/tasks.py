@@ -1,0 +1,110 @@
+"""Fine-tuning models on the shared trunk: VQA v2, NLVR2 and image-text retrieval."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e2evlp.models.config import E2EVLPConfig
+from e2evlp.models.model import E2EVLPModel, init_bert_weights
+from e2evlp.models.pretrained import PretrainedModule
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def classifier(in_dim: int, hidden_dim: int, out_dim: int, eps: float) -> nn.Sequential:
+    """The two-layer answer/label head of LXMERT and UNITER (Linear, GELU, LayerNorm, Linear)."""
+    head = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.LayerNorm(hidden_dim, eps=eps),
+                         nn.Linear(hidden_dim, out_dim))
+    head.apply(init_bert_weights)
+    return head
+
+
+class E2EVLPForVQA(PretrainedModule):
+    """VQA v2 as multi-label classification over ``config.num_answers`` answers from the pooled [CLS]
+    state; ``labels`` [B, num_answers] are soft VQA scores in [0, 1] (binary cross-entropy, scaled by the
+    number of answers as in UNITER/LXMERT)."""
+
+    task_heads = ("vqa_head",)
+
+    def __init__(self, config: E2EVLPConfig):
+        super().__init__()
+        self.config = config
+        self.model = E2EVLPModel(config)
+        self.vqa_head = classifier(config.hidden_size, 2 * config.hidden_size, config.num_answers,
+                                   config.layer_norm_eps)
+
+    def forward(self, pixel_values, pixel_mask, input_ids, attention_mask=None, labels=None) -> ClassifierOutput:
+        encoded = self.model.encode(input_ids, attention_mask, pixel_values, pixel_mask)
+        logits = self.vqa_head(self.model.pooler(encoded.hidden))  # [B, num_answers]
+        loss = None
+        if labels is not None:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[1]
+        return ClassifierOutput(logits, loss)
+
+
+class E2EVLPForNLVR2(PretrainedModule):
+    """NLVR2: one sentence, two images. Each (image, sentence) pair is encoded; the two pooled [CLS]
+    states, concatenated, give True/False. pixel_values [B, 2, 3, H, W], pixel_mask [B, 2, H, W]."""
+
+    task_heads = ("nlvr2_head",)
+
+    def __init__(self, config: E2EVLPConfig):
+        super().__init__()
+        self.config = config
+        self.model = E2EVLPModel(config)
+        self.nlvr2_head = classifier(2 * config.hidden_size, 2 * config.hidden_size, 2, config.layer_norm_eps)
+
+    def forward(self, pixel_values, pixel_mask, input_ids, attention_mask=None, labels=None) -> ClassifierOutput:
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
+            raise ValueError(f"pixel_values must be [B, 2, 3, H, W] (two images per sentence), got "
+                             f"{tuple(pixel_values.shape)}")
+        B = pixel_values.shape[0]
+        pairs = lambda t: None if t is None else t.repeat_interleave(2, dim=0)  # noqa: E731
+        encoded = self.model.encode(pairs(input_ids), pairs(attention_mask), pixel_values.flatten(0, 1),
+                                    None if pixel_mask is None else pixel_mask.flatten(0, 1))
+        pooled = self.model.pooler(encoded.hidden).view(B, -1)  # [B, 2C]
+        logits = self.nlvr2_head(pooled)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return ClassifierOutput(logits, loss)
+
+
+class E2EVLPForRetrieval(PretrainedModule):
+    """Image-text retrieval by the pre-trained ITM head: score(text, image) = logit(match) − logit(no match)."""
+
+    task_heads = ("itm_head",)
+
+    def __init__(self, config: E2EVLPConfig):
+        super().__init__()
+        self.config = config
+        self.model = E2EVLPModel(config)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        init_bert_weights(self.itm_head)
+
+    def forward(self, pixel_values, pixel_mask, input_ids, attention_mask=None, labels=None) -> ClassifierOutput:
+        """Scores aligned (image, text) pairs: logits [B, 2]; labels 1 = the text describes the image."""
+        encoded = self.model.encode(input_ids, attention_mask, pixel_values, pixel_mask)
+        logits = self.itm_head(self.model.pooler(encoded.hidden))
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return ClassifierOutput(logits, loss)
+
+    @torch.no_grad()
+    def score_matrix(self, pixel_values, pixel_mask, input_ids, attention_mask=None, batch_size: int = 64):
+        """Scores every text against every image: [num_texts, num_images], in batches of `batch_size` pairs."""
+        num_texts, num_images = input_ids.shape[0], pixel_values.shape[0]
+        text_index = torch.arange(num_texts).repeat_interleave(num_images)
+        image_index = torch.arange(num_images).repeat(num_texts)
+        scores = []
+        for start in range(0, len(text_index), batch_size):
+            t, i = text_index[start:start + batch_size], image_index[start:start + batch_size]
+            logits = self.forward(pixel_values[i], None if pixel_mask is None else pixel_mask[i], input_ids[t],
+                                  None if attention_mask is None else attention_mask[t]).logits
+            scores.append(logits[:, 1] - logits[:, 0])
+        return torch.cat(scores).view(num_texts, num_images)

