@@ -24,6 +24,7 @@ bench: install
 	$(PYTHON) -m benchmarks.bench_lsap --device all
 	$(PYTHON) -m benchmarks.bench_matcher --device all
 	$(PYTHON) -m benchmarks.bench_attention --device cpu
+	$(PYTHON) -m benchmarks.bench_train_step --device all
 
 # On a machine with an NVIDIA GPU and no network: build for that GPU only, run every test (the
 # cuda-marked ones included) and the GPU benchmarks; results land in benchmarks/results/ (and $OUT).

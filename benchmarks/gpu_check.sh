@@ -23,6 +23,7 @@ echo "== benchmarks"
 $PYTHON -m benchmarks.bench_lsap --device cuda || status=1
 $PYTHON -m benchmarks.bench_matcher --device cuda || status=1
 $PYTHON -m benchmarks.bench_attention --device cuda || status=1
+$PYTHON -m benchmarks.bench_train_step --device cuda || status=1
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/*cuda* benchmarks/results/gpu-check-tests.log "$OUT"/ 2>/dev/null || true
 fi

@@ -1,0 +1,116 @@
+"""One E2E-VLP pre-training step (forward + backward + AdamW) with kernels="fused" vs "reference", side by side.
+
+On a GPU: the ``base`` preset (ResNet-50, BERT-base encoder, 6-layer decoder, 100 queries), batch 32,
+images resized DETR-style into a 512×672 canvas with per-image padding, 20–40 text tokens, all four
+tasks, bf16 autocast. On the CPU: the ``tiny`` preset at batch 4 (the step runs and is reported).
+Both models start from the same weights and see the same batch. Reported per implementation:
+ms per step, samples/s, tokens/s (text + image tokens of the encoder), peak memory and MFU, with
+FLOPs estimated as 6 × (non-embedding Transformer parameters) × encoder tokens + the backbone's
+forward FLOPs × 3 (counted with torch.utils.flop_counter on one forward).
+
+    python -m benchmarks.bench_train_step [--device cpu|cuda|all] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import bench_arguments, environment, make_record, markdown_table, time_interleaved, write_results
+from e2evlp.models import E2EVLPConfig, E2EVLPForPretraining
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by datasheet
+
+
+def make_batch(config: E2EVLPConfig, B: int, H: int, W: int, device: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    pixel_mask = torch.zeros(B, H, W, dtype=torch.bool)
+    for b in range(B):  # DETR-style resizing leaves each image its own real extent in the canvas
+        h = int(H * (0.75 + 0.25 * torch.rand((), generator=g)))
+        w = int(W * (0.75 + 0.25 * torch.rand((), generator=g)))
+        pixel_mask[b, :h, :w] = True
+    text_len = min(40, config.max_text_length)
+    input_ids = torch.randint(1000, 2000, (B, text_len), generator=g)
+    attention_mask = (torch.arange(text_len)[None] < torch.randint(text_len // 2, text_len + 1, (B, 1),
+                                                                      generator=g)).long()
+    mlm_labels = torch.where(torch.rand(B, text_len, generator=g) < 0.15, input_ids, torch.full_like(input_ids, -100))
+    targets = []
+    for n in torch.randint(0, 30, (B,), generator=g).tolist():
+        boxes = torch.cat([torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.3 + 0.05], 1)
+        targets.append({"labels": torch.randint(0, config.num_classes, (n,), generator=g).to(device),
+                        "boxes": boxes.to(device),
+                        "attributes": torch.randint(-1, config.num_attributes, (n,), generator=g).to(device)})
+    caption_ids = torch.randint(1000, 2000, (B, text_len), generator=g)
+    return dict(pixel_values=torch.randn(B, 3, H, W, generator=g).to(device), pixel_mask=pixel_mask.to(device),
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                mlm_labels=mlm_labels.to(device), itm_labels=torch.randint(0, 2, (B,), generator=g).to(device),
+                targets=targets, caption_ids=caption_ids.to(device), caption_mask=attention_mask.to(device))
+
+
+def step_flops(model: E2EVLPForPretraining, batch: dict, encoder_tokens: int) -> float:
+    """Training FLOPs of one step: 6·N·tokens for the Transformer, 3× the counted backbone forward."""
+    transformer = sum(p.numel() for name, p in model.named_parameters()
+                      if not name.startswith(("model.backbone", "model.embeddings")))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.backbone(batch["pixel_values"], batch["pixel_mask"])
+    return 6.0 * transformer * encoder_tokens + 3.0 * counter.get_total_flops()
+
+
+def run(device: str, quick: bool, repeat: int) -> list[dict]:
+    env = environment()
+    on_gpu = device == "cuda"
+    preset, B, H, W = ("base", 32, 512, 672) if on_gpu and not quick else ("tiny", 4, 64, 96)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    models, optimizers = {}, {}
+    for impl, kernels in (("e2evlp", "fused"), ("reference", "reference")):
+        torch.manual_seed(0)
+        config = getattr(E2EVLPConfig, preset)(kernels=kernels)
+        models[impl] = E2EVLPForPretraining(config).to(device).train()
+        optimizers[impl] = torch.optim.AdamW([p for p in models[impl].parameters() if p.requires_grad], lr=1e-5)
+    config = models["e2evlp"].config
+    batch = make_batch(config, B, H, W, device)
+    stride = models["e2evlp"].model.backbone.stride
+    encoder_tokens = B * (batch["input_ids"].shape[1] + (H // stride) * (W // stride))
+
+    def step(impl):
+        with torch.autocast(device_type=device, dtype=dtype, enabled=on_gpu):
+            loss = models[impl](**batch).loss
+        loss.backward()
+        optimizers[impl].step()
+        optimizers[impl].zero_grad(set_to_none=True)
+
+    timing = time_interleaved({impl: (lambda impl=impl: step(impl)) for impl in models}, device, warmup=2,
+                              repeat=repeat)
+    flops = step_flops(models["e2evlp"], batch, encoder_tokens)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if on_gpu else None
+    case = f"preset={preset} B={B} image={H}x{W} text={batch['input_ids'].shape[1]} tasks=mlm+itm+det+cap"
+    records = []
+    for impl, t in timing.items():
+        seconds = t["ms"] / 1e3
+        tflops = flops / seconds / 1e12
+        records.append(make_record("train_step", impl, case, t, device=device, dtype=str(dtype).split(".")[-1],
+                                   pass_="step", tflops=round(tflops, 3), env=env,
+                                   samples_per_s=round(B / seconds, 2),
+                                   tokens_per_s=round(encoder_tokens / seconds, 1),
+                                   mfu=None if peak is None else round(tflops / peak, 4)))
+    return records
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args, devices = bench_arguments(__doc__, "the tiny preset on every device", argv)
+    records = []
+    for device in devices:
+        mine = run(device, args.quick, args.repeat or (10 if device == "cuda" else 3))
+        print(markdown_table(mine, baseline="reference"))
+        for r in mine:
+            print(f"{r['impl']}: {r['samples_per_s']} samples/s, {r['tokens_per_s']} tokens/s, "
+                  f"peak {r['peak_mem_mb']} MB, {r['tflops']} TFLOP/s, MFU {r['mfu']}")
+        path = write_results(mine, f"train_step-{device}" + ("-quick" if args.quick else ""), args.out,
+                             baseline="reference")
+        print(f"wrote {path}")
+        records += mine
+    return records
+
+
+if __name__ == "__main__":
+    main()
