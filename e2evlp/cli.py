@@ -7,6 +7,7 @@ import json
 import platform
 import shutil
 import sys
+from pathlib import Path
 
 
 def environment_info() -> dict:
@@ -77,12 +78,41 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {"lsap": "bench_lsap", "matcher": "bench_matcher", "attention": "bench_attention",
+              "train-step": "bench_train_step"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs the checkout's benchmark scripts (benchmarks/ ships with the source, not the wheel)."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "common.py").is_file():
+        print("e2evlp bench runs the scripts in a source checkout's benchmarks/ folder, and none is beside this "
+              f"installation ({root}); clone the repository and run it from there.", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    extra = ["--device", args.device] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+    for name in names:
+        print(f"== {name}", flush=True)
+        importlib.import_module(f"benchmarks.{BENCHMARKS[name]}").main(extra)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2evlp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, the extension's build, GPUs, attention backend")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info)
+    bench = commands.add_parser("bench", help="run the benchmarks (from a source checkout)")
+    bench.add_argument("name", choices=[*BENCHMARKS, "all"])
+    bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    bench.add_argument("--quick", action="store_true", help="the small cases only")
+    bench.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

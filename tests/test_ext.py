@@ -81,3 +81,10 @@ def test_attention_backend_override(monkeypatch):
     monkeypatch.setenv("E2EVLP_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="E2EVLP_ATTENTION"):
         attention_backend("cpu")
+
+
+def test_bench_command_runs_a_quick_benchmark(tmp_path):
+    assert cli.main(["bench", "lsap", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "lsap-cpu-quick.json").read_text())["records"]
+    assert {r["impl"] for r in records} >= {"e2evlp", "scipy-loop"}
+    assert all(r["bench"] == "lsap" and r["ms"] > 0 for r in records)

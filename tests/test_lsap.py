@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,7 +38,7 @@ def test_integer_ties_match_scipy(shape):
 def test_constant_matrix_gives_scipy_indices(shape):
     cost = torch.full(shape, 3.0)
     result = ops.linear_sum_assignment(cost).numpy()
-    rows, cols = __import__("scipy.optimize").optimize.linear_sum_assignment(cost.numpy())
+    rows, cols = scipy.optimize.linear_sum_assignment(cost.numpy())
     expected = np.full(shape[0], -1)
     expected[rows] = cols
     np.testing.assert_array_equal(result, expected)
