@@ -53,8 +53,8 @@ from benchmarks.common import (
     environment,
     make_record,
     markdown_table,
+    publish,
     time_interleaved,
-    write_results,
 )
 from e2evlp import ops, reference
 
@@ -448,10 +448,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cases = all_cases(args.quick)
     records = run(cases, device, dtype, repeat)
     baseline = baseline_of(records)
-    print(markdown_table(records, baseline=baseline))
-    path = write_results(records, f"attention-{args.device}" + ("-quick" if args.quick else ""), args.out,
-                         baseline=baseline)
-    print(f"wrote {path}")
+    path = publish(records, f"attention-{args.device}", args.quick, args.out, baseline=baseline)
     plot(records, cases, path.with_suffix(".png"), f"attention {str(dtype).removeprefix('torch.')}, "
                                                     f"{device_name(device)}")
     return records

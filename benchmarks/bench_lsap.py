@@ -19,9 +19,8 @@ from benchmarks.common import (
     bench_arguments,
     environment,
     make_record,
-    markdown_table,
+    publish,
     time_interleaved,
-    write_results,
 )
 from e2evlp import ops, reference
 
@@ -118,10 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     for device in devices:
         mine = run(device, args.quick, repeat)
-        print(markdown_table(mine, baseline="scipy-loop"))
-        path = write_results(mine, f"lsap-{device}" + ("-quick" if args.quick else ""), args.out,
-                             baseline="scipy-loop")
-        print(f"wrote {path}")
+        publish(mine, f"lsap-{device}", args.quick, args.out, baseline="scipy-loop")
         records += mine
     return records
 

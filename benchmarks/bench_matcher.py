@@ -20,8 +20,8 @@ from benchmarks.common import (
     environment,
     make_record,
     markdown_table,
+    publish,
     time_interleaved,
-    write_results,
 )
 from e2evlp import nn as enn
 from e2evlp import reference
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for device in devices:
         repeat = args.repeat or (3 if device == "cpu" else 10)
         mine = run(device, args.quick, repeat)
-        print(markdown_table(mine, baseline="detr"))
-        path = write_results(mine, f"matcher-{device}" + ("-quick" if args.quick else ""), args.out, baseline="detr")
-        print(f"wrote {path}")
+        publish(mine, f"matcher-{device}", args.quick, args.out, baseline="detr")
         records += mine
     return records
 

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import bench_arguments, environment, make_record, markdown_table, time_interleaved, write_results
+from benchmarks.common import (
+    bench_arguments,
+    environment,
+    make_record,
+    publish,
+    time_interleaved,
+)
 from e2evlp.models import E2EVLPConfig, E2EVLPForPretraining
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by datasheet
@@ -101,13 +107,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     for device in devices:
         mine = run(device, args.quick, args.repeat or (10 if device == "cuda" else 3))
-        print(markdown_table(mine, baseline="reference"))
         for r in mine:
             print(f"{r['impl']}: {r['samples_per_s']} samples/s, {r['tokens_per_s']} tokens/s, "
                   f"peak {r['peak_mem_mb']} MB, {r['tflops']} TFLOP/s, MFU {r['mfu']}")
-        path = write_results(mine, f"train_step-{device}" + ("-quick" if args.quick else ""), args.out,
-                             baseline="reference")
-        print(f"wrote {path}")
+        publish(mine, f"train_step-{device}", args.quick, args.out, baseline="reference")
         records += mine
     return records
 

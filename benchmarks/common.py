@@ -156,3 +156,11 @@ def bench_arguments(doc: str, quick_help: str, argv: list[str] | None = None) ->
             parser.error("--device cuda but no GPU is visible")
         devices.remove("cuda")
     return args, devices
+
+
+def publish(records: list[dict], name: str, quick: bool, out_dir: Path | str | None, baseline: str) -> Path:
+    """Prints the records' table and writes them as <name>[-quick].json/.md under out_dir."""
+    print(markdown_table(records, baseline=baseline))
+    path = write_results(records, name + ("-quick" if quick else ""), out_dir, baseline=baseline)
+    print(f"wrote {path}")
+    return path
