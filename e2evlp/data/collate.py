@@ -1,0 +1,173 @@
+"""Batching for pre-training: image padding, BERT token masking, the ITM/MLM/caption collator, a size-bucket sampler."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, get_worker_info
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pad_images(images: Sequence[Tensor], *, size_divisibility: int = 1) -> tuple[Tensor, Tensor]:
+    """Zero-pads [3, H_i, W_i] images at the bottom/right into pixel_values [B, 3, Hmax, Wmax] and
+    pixel_mask [B, Hmax, Wmax] (True on real pixels); Hmax, Wmax are rounded up to ``size_divisibility``."""
+    if not images:
+        raise ValueError("pad_images needs at least one image")
+    height = _round_up(max(image.shape[-2] for image in images), size_divisibility)
+    width = _round_up(max(image.shape[-1] for image in images), size_divisibility)
+    first = images[0]
+    pixel_values = first.new_zeros(len(images), first.shape[0], height, width)  # [B, 3, Hmax, Wmax]
+    pixel_mask = torch.zeros(len(images), height, width, dtype=torch.bool, device=first.device)  # [B, Hmax, Wmax]
+    for i, image in enumerate(images):
+        h, w = image.shape[-2:]
+        pixel_values[i, :, :h, :w] = image
+        pixel_mask[i, :h, :w] = True
+    return pixel_values, pixel_mask
+
+
+def _force_one_choice(chosen: Tensor, eligible: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Adds one random eligible token to every row that has eligible tokens but none chosen."""
+    empty = eligible.any(1) & ~chosen.any(1)  # [B]
+    scores = torch.rand(eligible.shape, generator=generator).masked_fill(~eligible, -1.0)  # [B, L]
+    pick = torch.zeros_like(chosen)
+    pick[torch.arange(len(pick)), scores.argmax(1)] = True
+    return chosen | (pick & empty[:, None])
+
+
+def mask_tokens(input_ids: Tensor, attention_mask: Tensor, *, vocab_size: int, mask_token_id: int = 103,
+                special_ids: Sequence[int] = (0, 101, 102), probability: float = 0.15,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """BERT masking: each real, non-special token is chosen with ``probability``; a chosen token becomes
+    [MASK] 80%, a random token 10%, stays itself 10%. Returns (masked_ids [B, L], mlm_labels [B, L]: the
+    original id on chosen tokens, -100 elsewhere).
+
+    Every row that has a real non-special token gets at least one chosen token, so short captions never
+    contribute an empty MLM target (the effective rate is then slightly above ``probability`` on them).
+    """
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids)))  # [B, L]
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & eligible
+    chosen = _force_one_choice(chosen, eligible, generator)
+    labels = input_ids.masked_fill(~chosen, -100)
+    action = torch.rand(input_ids.shape, generator=generator)  # [B, L]: < .8 mask, < .9 random, else keep
+    masked = input_ids.masked_fill(chosen & (action < 0.8), mask_token_id)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)
+    replace = chosen & (action >= 0.8) & (action < 0.9)
+    return torch.where(replace, random_ids, masked), labels
+
+
+def _negative_partners(texts: Sequence[str], fraction: float, generator: torch.Generator) -> list[int]:
+    """For each item, the index whose text it gets: itself (matched) or, for ``fraction`` of the items,
+    another item with a different text (an item whose text every other item shares stays matched)."""
+    partners = list(range(len(texts)))
+    if len(texts) < 2:
+        return partners
+    for i in torch.randperm(len(texts), generator=generator)[: round(fraction * len(texts))].tolist():
+        # Compare strings, not indices: a duplicate caption in the batch would be a false negative.
+        others = [j for j, text in enumerate(texts) if text != texts[i]]
+        if others:
+            partners[i] = others[int(torch.randint(len(others), (), generator=generator))]
+    return partners
+
+
+class PretrainingCollator:
+    """Turns transformed samples {"image" [3, H, W], "text", "boxes" [T, 4] cxcywh, "labels" [T],
+    "attributes" [T]} into the keyword arguments of E2EVLPForPretraining.forward.
+
+    ITM negatives pair an image with another item's text; they carry no MLM labels and no masking (as in
+    UNITER, MLM is learned on matched pairs only). The caption target is always the item's own text.
+    """
+
+    def __init__(self, tokenizer, *, max_text_length: int = 40, max_caption_length: int = 40,
+                 mlm_probability: float = 0.15, itm_negative_fraction: float = 0.5, seed: int = 0,
+                 size_divisibility: int = 32):
+        self.tokenizer = tokenizer
+        self.max_text_length, self.max_caption_length = max_text_length, max_caption_length
+        self.mlm_probability, self.itm_negative_fraction = mlm_probability, itm_negative_fraction
+        self.seed, self.size_divisibility = seed, size_divisibility
+        self._generator: torch.Generator | None = None
+
+    def generator(self) -> torch.Generator:
+        """Created lazily with the DataLoader worker id mixed in, so workers draw different negatives/masks."""
+        if self._generator is None:
+            worker = get_worker_info()
+            self._generator = torch.Generator().manual_seed(self.seed + (worker.id if worker else 0))
+        return self._generator
+
+    def _tokenize(self, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
+                                 return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]  # [B, L] each
+
+    def __call__(self, samples: list[dict]) -> dict:
+        generator = self.generator()
+        texts = [sample["text"] for sample in samples]
+        partners = _negative_partners(texts, self.itm_negative_fraction, generator)
+        itm_labels = torch.tensor([int(j == i) for i, j in enumerate(partners)])  # [B]
+        input_ids, attention_mask = self._tokenize([texts[j] for j in partners], self.max_text_length)
+        # Masking only where itm_labels == 1 leaves negatives' text intact and their labels all -100.
+        input_ids, mlm_labels = mask_tokens(
+            input_ids, attention_mask * itm_labels[:, None], vocab_size=len(self.tokenizer),
+            mask_token_id=self.tokenizer.mask_token_id, special_ids=self.tokenizer.all_special_ids,
+            probability=self.mlm_probability, generator=generator)
+        caption_ids, caption_mask = self._tokenize(texts, self.max_caption_length)
+        pixel_values, pixel_mask = pad_images([sample["image"] for sample in samples],
+                                              size_divisibility=self.size_divisibility)
+        targets = [{"labels": sample["labels"].long(), "boxes": sample["boxes"].float(),
+                    "attributes": sample["attributes"].long()} for sample in samples]
+        return dict(pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids,
+                    attention_mask=attention_mask, mlm_labels=mlm_labels, itm_labels=itm_labels, targets=targets,
+                    caption_ids=caption_ids, caption_mask=caption_mask)
+
+
+class SizeBucketBatchSampler(BatchSampler):
+    """Batches of similarly shaped images, so padding wastes less compute.
+
+    Each epoch: shuffle the indices, cut them into chunks of ``batch_size * bucket_size_multiplier``, sort
+    each chunk by orientation then area, cut it into batches, and shuffle the batch order. Every index
+    appears exactly once (the last, short batch is dropped with ``drop_last``).
+    """
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 bucket_size_multiplier: int = 50, drop_last: bool = False):
+        super().__init__(range(len(sizes)), batch_size, drop_last)
+        self.sizes, self.shuffle, self.seed = list(sizes), shuffle, seed
+        self.chunk = batch_size * bucket_size_multiplier
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseeds the next epoch's order (call it before each epoch, as with DistributedSampler)."""
+        self.epoch = epoch
+
+    def _sort_key(self, index: int) -> tuple[bool, int]:
+        height, width = self.sizes[index]
+        return height > width, height * width
+
+    def _batches(self, generator: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(len(self.sizes), generator=generator).tolist() if self.shuffle \
+            else list(range(len(self.sizes)))
+        batches = []
+        for start in range(0, len(order), self.chunk):
+            chunk = sorted(order[start:start + self.chunk], key=self._sort_key)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        # Chunks are whole multiples of batch_size, so only the very last batch can be short.
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = self._batches(generator)
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.sizes) // self.batch_size
+        return math.ceil(len(self.sizes) / self.batch_size)
