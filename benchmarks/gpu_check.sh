@@ -5,10 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# Records name the commit; a copy of the tree without .git can pass it in E2EVLP_COMMIT.
+export E2EVLP_COMMIT=${E2EVLP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 arch=$($PYTHON -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
 echo "== building e2evlp._C for sm_${arch/./} with $(nproc) jobs"
 rm -rf build
-TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 MAX_JOBS=$(nproc) $PYTHON setup.py -q build_ext --inplace 2>&1 | tail -n 3
+# An editable install (offline) builds _C in place and maps kernels/ to e2evlp.kernels.
+TORCH_CUDA_ARCH_LIST="$arch" FORCE_CUDA=1 MAX_JOBS=$(nproc) \
+  $PYTHON -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -n 3
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PYTHON -m pip install -q --no-index --no-deps --target /tmp/e2evlp-peers .whl/*.whl
   export PYTHONPATH="/tmp/e2evlp-peers${PYTHONPATH:+:$PYTHONPATH}"
