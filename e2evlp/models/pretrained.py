@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
 from torch import nn
 
+from e2evlp.io import atomic_write, without_tied_aliases
 from e2evlp.models.config import E2EVLPConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Calls write(tmp_path) on a temporary file beside `path`, then renames it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_config(directory: str | os.PathLike, **overrides) -> E2EVLPConfig:
@@ -50,9 +38,9 @@ class PretrainedModule(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-        tensors = {k: v.contiguous() for k, v in _without_tied_aliases(self.state_dict()).items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        tensors = without_tied_aliases(self.state_dict())
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **config_overrides):
@@ -76,16 +64,6 @@ class PretrainedModule(nn.Module):
         model.load_state_dict({k: v for k, v in saved.items() if k in own}, strict=False)
         model.new_weights = missing
         return model
-
-
-def _without_tied_aliases(state: dict) -> dict:
-    """One entry per shared tensor, under its trunk name (model.*) when it has one."""
-    chosen: dict[int, str] = {}
-    for key in sorted(state, key=lambda k: (not k.startswith("model."), k)):
-        if state[key].numel():
-            chosen.setdefault(state[key].data_ptr(), key)
-    keep = set(chosen.values())
-    return {k: v for k, v in state.items() if k in keep or not v.numel()}
 
 
 def _tied_to(own: dict, saved: dict) -> set[str]:
