@@ -21,7 +21,7 @@ STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    """The directory `latest_checkpoint` looks for: run_dir/step-XXXXXXXX."""
+    """The directory `latest_checkpoint` looks for: run_dir/step-<step as 8 digits>, e.g. step-00001200."""
     return Path(run_dir) / f"step-{step:08d}"
 
 
@@ -134,7 +134,7 @@ def load_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The complete `step-XXXXXXXX` directory under `run_dir` with the highest step, or None."""
+    """The complete `step-<8 digits>` directory under `run_dir` with the highest step, or None."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
