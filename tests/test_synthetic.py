@@ -175,3 +175,21 @@ def test_bad_arguments_name_the_argument(tmp_path):
         write_synthetic_dataset(tmp_path, num_val=0)
     with pytest.raises(ValueError, match="image_size"):
         write_synthetic_dataset(tmp_path, image_size=(16, 16))
+
+
+def test_shipped_vocabulary_covers_every_text_without_unknown_tokens(dataset):
+    from e2evlp.models.text import load_tokenizer
+
+    root, summary = dataset
+    tokenizer = load_tokenizer(summary["paths"]["tokenizer"])
+    assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+            tokenizer.mask_token_id] == [0, 1, 2, 3, 4]
+    texts = []
+    for split in SPLITS:
+        paths = summary["paths"][split]
+        texts += [a["caption"] for a in _load(paths["captions"])["annotations"]]
+        texts += [q["question"] for q in _load(paths["vqa_questions"])["questions"]]
+        texts += [a["answer"] for ann in _load(paths["vqa_annotations"])["annotations"] for a in ann["answers"]]
+        texts += [row["sentence"] for row in _nlvr2_rows(paths["nlvr2"])]
+    encoded = tokenizer(texts)["input_ids"]
+    assert all(tokenizer.unk_token_id not in ids for ids in encoded)

@@ -96,8 +96,10 @@ def test_mask_tokens_statistics_and_placement():
 
 def test_mask_tokens_guarantees_one_target_per_row():
     ids = torch.tensor([[101, 2000, 102, 0], [101, 102, 0, 0]])
-    masked, labels = mask_tokens(ids, (ids != 0).long(), vocab_size=30522, probability=0.0)
+    masked, labels = mask_tokens(ids, (ids != 0).long(), vocab_size=30522, probability=1e-9)
     assert torch.equal(labels, torch.tensor([[-100, 2000, -100, -100], [-100] * 4]))
+    masked, labels = mask_tokens(ids, (ids != 0).long(), vocab_size=30522, probability=0.0)
+    assert torch.equal(masked, ids) and (labels == -100).all()
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +146,21 @@ def test_collator_outputs_match_the_model(tokenizer, monkeypatch):
         assert tokenizer.decode(real[1:-1]) == sample["text"].lower()  # the item's own caption
     negatives = (batch["itm_labels"] == 0).nonzero().flatten().tolist()
     assert len(negatives) == B // 2
+    # The same seed draws the same partners; without masking their texts can be read back.
+    unmasked = PretrainingCollator(tokenizer, max_text_length=24, max_caption_length=24, mlm_probability=0.0)(samples)
+    assert torch.equal(unmasked["itm_labels"], batch["itm_labels"])
     for i in range(B):
-        text = tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()], skip_special_tokens=True)
+        ids = unmasked["input_ids"][i][unmasked["attention_mask"][i].bool()]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         if i in negatives:
             assert text != samples[i]["text"].lower() and text in {s["text"].lower() for s in samples}
             assert (batch["mlm_labels"][i] == -100).all()
         else:
+            assert text == samples[i]["text"].lower()
             assert (batch["mlm_labels"][i] != -100).any()
+    # Negatives are masked like positives, so [MASK] cannot tell the ITM head which pairs match.
+    changed = batch["input_ids"] != unmasked["input_ids"]  # [B, L]
+    assert changed[negatives].any(1).all() and changed[batch["itm_labels"] == 1].any(1).all()
     for target, sample in zip(batch["targets"], samples):
         assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.long
         assert torch.equal(target["attributes"], sample["attributes"])

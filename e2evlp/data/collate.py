@@ -47,12 +47,14 @@ def mask_tokens(input_ids: Tensor, attention_mask: Tensor, *, vocab_size: int, m
     [MASK] 80%, a random token 10%, stays itself 10%. Returns (masked_ids [B, L], mlm_labels [B, L]: the
     original id on chosen tokens, -100 elsewhere).
 
-    Every row that has a real non-special token gets at least one chosen token, so short captions never
-    contribute an empty MLM target (the effective rate is then slightly above ``probability`` on them).
+    With ``probability`` > 0, every row that has a real non-special token gets at least one chosen token, so
+    short captions never contribute an empty MLM target (the effective rate is then slightly above
+    ``probability`` on them); ``probability`` = 0 masks nothing.
     """
     eligible = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids)))  # [B, L]
     chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & eligible
-    chosen = _force_one_choice(chosen, eligible, generator)
+    if probability > 0:
+        chosen = _force_one_choice(chosen, eligible, generator)
     labels = input_ids.masked_fill(~chosen, -100)
     action = torch.rand(input_ids.shape, generator=generator)  # [B, L]: < .8 mask, < .9 random, else keep
     masked = input_ids.masked_fill(chosen & (action < 0.8), mask_token_id)
@@ -79,8 +81,10 @@ class PretrainingCollator:
     """Turns transformed samples {"image" [3, H, W], "text", "boxes" [T, 4] cxcywh, "labels" [T],
     "attributes" [T]} into the keyword arguments of E2EVLPForPretraining.forward.
 
-    ITM negatives pair an image with another item's text; they carry no MLM labels and no masking (as in
-    UNITER, MLM is learned on matched pairs only). The caption target is always the item's own text.
+    ITM negatives pair an image with another item's text. Every text is masked the same way, but only matched
+    pairs carry MLM labels (as in UNITER, MLM is learned on matched pairs only): masking only the matched
+    texts would let the ITM head read the answer off the presence of [MASK]. The caption target is always
+    the item's own, unmasked text.
     """
 
     def __init__(self, tokenizer, *, max_text_length: int = 40, max_caption_length: int = 40,
@@ -110,11 +114,10 @@ class PretrainingCollator:
         partners = _negative_partners(texts, self.itm_negative_fraction, generator)
         itm_labels = torch.tensor([int(j == i) for i, j in enumerate(partners)])  # [B]
         input_ids, attention_mask = self._tokenize([texts[j] for j in partners], self.max_text_length)
-        # Masking only where itm_labels == 1 leaves negatives' text intact and their labels all -100.
         input_ids, mlm_labels = mask_tokens(
-            input_ids, attention_mask * itm_labels[:, None], vocab_size=len(self.tokenizer),
-            mask_token_id=self.tokenizer.mask_token_id, special_ids=self.tokenizer.all_special_ids,
-            probability=self.mlm_probability, generator=generator)
+            input_ids, attention_mask, vocab_size=len(self.tokenizer), mask_token_id=self.tokenizer.mask_token_id,
+            special_ids=self.tokenizer.all_special_ids, probability=self.mlm_probability, generator=generator)
+        mlm_labels = mlm_labels.masked_fill(itm_labels[:, None] == 0, -100)
         caption_ids, caption_mask = self._tokenize(texts, self.max_caption_length)
         pixel_values, pixel_mask = pad_images([sample["image"] for sample in samples],
                                               size_divisibility=self.size_divisibility)

@@ -25,6 +25,12 @@ NLVR2_SPLITS = {"train": "train", "val": "dev"}
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 # A shape's side as a fraction of the image's shorter side; disjoint bands keep "small"/"large" readable from the box.
+# BERT's special tokens first (ids 0-4), then every word and punctuation mark the templates below can write.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_TEMPLATE_WORDS = (
+    "a above and are background below both color contain contains exactly has how image images is left many "
+    "more of on one picture plain right shape shapes than the there what yes no ? : ,"
+)
 _SIZE_RANGE = {"small": (0.18, 0.26), "large": (0.32, 0.42)}
 _MIN_SIDE = 6
 _MAX_OVERLAP = 0.1  # of the smaller box's area: shapes may touch but each stays mostly visible
@@ -105,8 +111,18 @@ def write_synthetic_dataset(root, *, num_train=200, num_val=50, image_size=(96, 
             "nlvr2_pairs": num_pairs,
         }
     summary["paths"]["karpathy"] = str(_write_karpathy(root, records_by_split))
+    summary["paths"]["tokenizer"] = str(_write_text(root / "tokenizer" / "vocab.txt",
+                                                    "\n".join(vocabulary()) + "\n").parent)
     summary["paths"]["readme"] = str(_write_text(root / "README.txt", _readme(height, width, seed)))
     return summary
+
+
+def vocabulary() -> list[str]:
+    """The word-level WordPiece vocabulary (BERT special tokens at ids 0-4) covering every text written here;
+    the same for every seed and size, so one tokenizer serves all synthetic sets."""
+    words = set(_TEMPLATE_WORDS.split()) | set(SHAPES) | {s + "s" for s in SHAPES} | set(COLORS) | set(SIZES)
+    words |= set(NUMBER_WORDS) | {str(n) for n in range(len(NUMBER_WORDS))}
+    return list(SPECIAL_TOKENS) + sorted(words)
 
 
 def _check_args(num_train, num_val, image_size, seed) -> tuple[int, int]:
@@ -459,6 +475,7 @@ _README_LAYOUT = (
     ("nlvr2/{train,dev}.json", "NLVR2 JSON lines; dev is the val split"),
     ("nlvr2/images/{train,dev}/{pair}-img{0,1}.png", "NLVR2 image pairs"),
     ("dataset_synthetic.json", 'Karpathy-style split covering all images (half of val is "test")'),
+    ("tokenizer/vocab.txt", "BERT WordPiece vocabulary of every word above (load_tokenizer reads it)"),
 )
 
 
