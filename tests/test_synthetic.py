@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from e2evlp.data.readers import NLVR2Reader
 from e2evlp.data.synthetic import COLOR_RGB, COLORS, SHAPES, write_synthetic_dataset
 
 SIZE = (64, 64)
@@ -139,8 +140,11 @@ def test_nlvr2_images_exist_and_labels_balance(dataset):
         for row in rows:
             stem = row["identifier"].rsplit("-", 1)[0]
             for k in (0, 1):
-                assert (Path(paths["nlvr2_images"]) / f"{stem}-img{k}.png").is_file()
+                assert (Path(paths["nlvr2_images"]) / row.get("directory", "") / f"{stem}-img{k}.png").is_file()
             assert row["sentence"] and row["label"] in ("True", "False")
+        # The real reader finds every image, train's in its numbered folder.
+        records = NLVR2Reader(paths["nlvr2_images"], check_images=True).read(paths["nlvr2"])
+        assert len(records) == len(rows) and all(r.left_path.is_file() and r.right_path.is_file() for r in records)
         num_true = sum(row["label"] == "True" for row in rows)
         assert abs(num_true / len(rows) - 0.5) <= 0.3
 

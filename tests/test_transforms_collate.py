@@ -12,9 +12,12 @@ from e2evlp.data.collate import PretrainingCollator, SizeBucketBatchSampler, mas
 from e2evlp.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Compose,
     Normalize,
     RandomHorizontalFlip,
     RandomResize,
+    accepts_generator,
+    mix_seeds,
     resize,
     swap_left_right,
     tiny_train_transforms,
@@ -53,6 +56,47 @@ def test_flip_mirrors_image_boxes_and_left_right_words():
     assert flipped["text"] == "Right of the bright lamp, LEFT hand; right-handed leftover."
     assert RandomHorizontalFlip(p=0.0)(sample) is sample
     assert swap_left_right("left right copyright") == "right left copyright"
+
+
+def test_flip_swaps_left_right_in_references_too():
+    sample = {"image": torch.rand(3, 4, 4), "boxes": BOXES, "text": "a cup on the left",
+              "references": ["a cup on the left", "Right: a plate"]}
+    assert RandomHorizontalFlip(p=1.0)(sample)["references"] == ["a cup on the right", "Left: a plate"]
+    with pytest.raises(ValueError, match="p must"):
+        RandomHorizontalFlip(p=1.5)
+
+
+def _draws(transform, generator_seed=None, n=12):
+    """(image size, text) of n calls on one sample, each with a fresh call generator when generator_seed is set."""
+    sample = {"image": Image.new("RGB", (50, 40)), "boxes": BOXES, "text": "left"}
+    results = []
+    for i in range(n):
+        generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed + i)
+        out = transform(sample, generator=generator)
+        results.append((out["image"].shape, out["text"]))
+    return results
+
+
+def test_compose_passes_the_call_generator_to_transforms_that_take_one():
+    # The constructor generators differ; the per-call generator decides every draw.
+    a = tiny_train_transforms(generator=torch.Generator().manual_seed(1))
+    b = tiny_train_transforms(generator=torch.Generator().manual_seed(2))
+    assert _draws(a, 10) == _draws(b, 10) and _draws(a, 10) != _draws(a, 50)
+    assert len(set(_draws(a, 10))) > 2  # the call generators still vary sizes and flips
+    assert _draws(a) != _draws(b)  # no call generator: each uses its own
+    # A plain callable (no generator parameter) is called without one.
+    uppercase = Compose([lambda sample: {**sample, "text": sample["text"].upper()}, Normalize()])
+    assert uppercase({"image": Image.new("RGB", (5, 4)), "boxes": BOXES, "text": "x"},
+                     generator=torch.Generator())["text"] == "X"
+    assert accepts_generator(RandomResize([8], 8)) and accepts_generator(a) and not accepts_generator(Normalize())
+
+
+def test_mix_seeds_is_order_sensitive_and_spread():
+    assert mix_seeds(0, 1, 2) == mix_seeds(0, 1, 2) != mix_seeds(0, 2, 1)
+    seeds = {mix_seeds(0, epoch, index) for epoch in range(10) for index in range(100)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
+    assert mix_seeds(-1) == mix_seeds(2**64 - 1)  # any int is accepted, taken modulo 2**64
+    assert mix_seeds(0) != mix_seeds(0, 0)
 
 
 def test_normalize_uses_imagenet_statistics():
@@ -199,3 +243,51 @@ def test_size_bucket_sampler_covers_every_index_and_saves_padding():
     assert epoch1 != batches and epoch1 == list(sampler)
     dropped = SizeBucketBatchSampler(sizes, 8, drop_last=True)
     assert len(list(dropped)) == len(dropped) == 125 and all(len(b) == 8 for b in dropped)
+
+
+def test_size_bucket_sampler_shards_batches_over_ranks():
+    sizes = [(64 + 16 * (i % 3), 64 + 16 * (i % 5)) for i in range(103)]
+    full = list(SizeBucketBatchSampler(sizes, 4, seed=5))  # 26 batches, the short one somewhere
+    ranks = [SizeBucketBatchSampler(sizes, 4, seed=5, num_replicas=3, rank=r) for r in range(3)]
+    shards = [list(sampler) for sampler in ranks]
+    assert [len(s) for s in shards] == [len(sampler) for sampler in ranks] == [8, 8, 8]
+    for r, shard in enumerate(shards):
+        assert shard == full[r:24:3]  # the epoch list cut to a multiple of num_replicas, dealt round-robin
+    indices = [i for shard in shards for batch in shard for i in batch]
+    assert len(indices) == len(set(indices)) and set(indices) <= set(range(103))
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    assert [list(s) for s in ranks] != shards
+
+
+def test_size_bucket_sampler_resumes_mid_epoch():
+    sizes = [(64 + 16 * (i % 3), 64 + 16 * (i % 5)) for i in range(50)]
+    sampler = SizeBucketBatchSampler(sizes, 4, num_replicas=2, rank=1)
+    sampler.set_epoch(3)
+    epoch = list(sampler)
+    sampler.set_epoch(3, start_batch=4)
+    assert len(sampler) == len(epoch) == 6
+    assert list(sampler) == list(sampler) == epoch[4:]
+    sampler.set_epoch(4)
+    assert len(list(sampler)) == 6  # a new epoch starts from its first batch
+    sampler.set_epoch(3, start_batch=len(sampler))
+    assert list(sampler) == []
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_replicas=0), "num_replicas"),
+    (dict(num_replicas=2, rank=2), "rank"),
+    (dict(rank=-1), "rank"),
+    (dict(num_replicas=2, rank=1.0), "rank"),
+    (dict(num_replicas=20), "num_replicas"),  # 10 items of batch 4: 3 batches for 20 ranks
+])
+def test_size_bucket_sampler_rejects_bad_ranks(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SizeBucketBatchSampler([(8, 8)] * 10, 4, **kwargs)
+
+
+def test_size_bucket_sampler_rejects_a_bad_start_batch():
+    sampler = SizeBucketBatchSampler([(8, 8)] * 10, 4)
+    for start_batch in (-1, 4, 1.5):
+        with pytest.raises(ValueError, match="start_batch"):
+            sampler.set_epoch(0, start_batch=start_batch)

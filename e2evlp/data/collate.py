@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, get_worker_info
 
+from .transforms import mix_seeds
+
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
@@ -29,6 +31,25 @@ def pad_images(images: Sequence[Tensor], *, size_divisibility: int = 1) -> tuple
         pixel_values[i, :, :h, :w] = image
         pixel_mask[i, :h, :w] = True
     return pixel_values, pixel_mask
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """input_ids [B, L] and attention_mask [B, L], padded to the longest text and truncated to ``max_length``."""
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def batch_generator(samples: Sequence[dict], seed: int = 0) -> torch.Generator | None:
+    """A generator seeded by ``seed`` and the samples' "seed" keys in order, so a batch's random draws are a pure
+    function of its items (identical on resume, whatever the worker count); None when no sample has a seed.
+    Raises ValueError when only some samples carry one: such a batch could be neither seeded nor reproduced."""
+    seeded = ["seed" in sample for sample in samples]
+    if not any(seeded):
+        return None
+    if not all(seeded):
+        raise ValueError(f"samples: {seeded.count(False)} of {len(samples)} have no 'seed' key; either every "
+                         "sample carries one (seeded datasets) or none does")
+    return torch.Generator().manual_seed(mix_seeds(seed, *(int(sample["seed"]) for sample in samples)))
 
 
 def _force_one_choice(chosen: Tensor, eligible: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -81,6 +102,10 @@ class PretrainingCollator:
     """Turns transformed samples {"image" [3, H, W], "text", "boxes" [T, 4] cxcywh, "labels" [T],
     "attributes" [T]} into the keyword arguments of E2EVLPForPretraining.forward.
 
+    When the samples carry a "seed" (the datasets of e2evlp.data.datasets set one), ITM partners and MLM masks
+    are drawn from a generator seeded by the collator's seed and the samples' seeds in order: the batch is then a
+    pure function of its items. Samples without seeds draw from a lazily created, worker-seeded generator.
+
     ITM negatives pair an image with another item's text. Every text is masked the same way, but only matched
     pairs carry MLM labels (as in UNITER, MLM is learned on matched pairs only): masking only the matched
     texts would let the ITM head read the answer off the presence of [MASK]. The caption target is always
@@ -97,28 +122,26 @@ class PretrainingCollator:
         self._generator: torch.Generator | None = None
 
     def generator(self) -> torch.Generator:
-        """Created lazily with the DataLoader worker id mixed in, so workers draw different negatives/masks."""
+        """For unseeded samples: created lazily with the DataLoader worker id mixed in, so workers draw
+        different negatives/masks."""
         if self._generator is None:
             worker = get_worker_info()
             self._generator = torch.Generator().manual_seed(self.seed + (worker.id if worker else 0))
         return self._generator
 
-    def _tokenize(self, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
-        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
-                                 return_tensors="pt")
-        return encoded["input_ids"], encoded["attention_mask"]  # [B, L] each
-
     def __call__(self, samples: list[dict]) -> dict:
-        generator = self.generator()
+        generator = batch_generator(samples, self.seed)
+        if generator is None:
+            generator = self.generator()
         texts = [sample["text"] for sample in samples]
         partners = _negative_partners(texts, self.itm_negative_fraction, generator)
         itm_labels = torch.tensor([int(j == i) for i, j in enumerate(partners)])  # [B]
-        input_ids, attention_mask = self._tokenize([texts[j] for j in partners], self.max_text_length)
+        input_ids, attention_mask = tokenize(self.tokenizer, [texts[j] for j in partners], self.max_text_length)
         input_ids, mlm_labels = mask_tokens(
             input_ids, attention_mask, vocab_size=len(self.tokenizer), mask_token_id=self.tokenizer.mask_token_id,
             special_ids=self.tokenizer.all_special_ids, probability=self.mlm_probability, generator=generator)
         mlm_labels = mlm_labels.masked_fill(itm_labels[:, None] == 0, -100)
-        caption_ids, caption_mask = self._tokenize(texts, self.max_caption_length)
+        caption_ids, caption_mask = tokenize(self.tokenizer, texts, self.max_caption_length)
         pixel_values, pixel_mask = pad_images([sample["image"] for sample in samples],
                                               size_divisibility=self.size_divisibility)
         targets = [{"labels": sample["labels"].long(), "boxes": sample["boxes"].float(),
@@ -134,18 +157,35 @@ class SizeBucketBatchSampler(BatchSampler):
     Each epoch: shuffle the indices, cut them into chunks of ``batch_size * bucket_size_multiplier``, sort
     each chunk by orientation then area, cut it into batches, and shuffle the batch order. Every index
     appears exactly once (the last, short batch is dropped with ``drop_last``).
+
+    Distributed training: every rank builds the same epoch list, cuts it to a multiple of ``num_replicas``
+    batches and takes batches ``rank, rank + num_replicas, ...``, so all ranks run the same number of steps.
+    ``set_epoch(epoch, start_batch)`` resumes mid-epoch: passes over that epoch skip this rank's first
+    ``start_batch`` batches until the next ``set_epoch`` (it sticks because DataLoader calls ``iter`` on its
+    batch sampler more than once per pass).
     """
 
     def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 bucket_size_multiplier: int = 50, drop_last: bool = False):
+                 bucket_size_multiplier: int = 50, drop_last: bool = False, num_replicas: int = 1, rank: int = 0):
         super().__init__(range(len(sizes)), batch_size, drop_last)
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+            raise ValueError(f"num_replicas must be a positive int, got {num_replicas!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an int in [0, num_replicas={num_replicas}), got {rank!r}")
         self.sizes, self.shuffle, self.seed = list(sizes), shuffle, seed
         self.chunk = batch_size * bucket_size_multiplier
-        self.epoch = 0
+        self.num_replicas, self.rank = num_replicas, rank
+        if num_replicas > 1 and self._epoch_batches() < num_replicas:
+            raise ValueError(f"num_replicas ({num_replicas}) exceeds the {self._epoch_batches()} batches of an "
+                             f"epoch ({len(self.sizes)} items, batch_size {batch_size}): some ranks would get none")
+        self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseeds the next epoch's order (call it before each epoch, as with DistributedSampler)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reseeds the next epoch's order (call it before each epoch, as with DistributedSampler); passes skip
+        this rank's first ``start_batch`` batches of that epoch (to resume after a checkpoint)."""
+        if isinstance(start_batch, bool) or not isinstance(start_batch, int) or not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be an int in [0, {len(self)}] (batches per rank), got {start_batch!r}")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _sort_key(self, index: int) -> tuple[bool, int]:
         height, width = self.sizes[index]
@@ -163,14 +203,20 @@ class SizeBucketBatchSampler(BatchSampler):
             batches.pop()
         return batches
 
+    def _epoch_batches(self) -> int:
+        """Batches in one epoch over all ranks, before the cut to a multiple of num_replicas."""
+        if self.drop_last:
+            return len(self.sizes) // self.batch_size
+        return math.ceil(len(self.sizes) / self.batch_size)
+
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         batches = self._batches(generator)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return iter(batches)
+        mine = batches[self.rank:len(self) * self.num_replicas:self.num_replicas]
+        return iter(mine[self.start_batch:])
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return len(self.sizes) // self.batch_size
-        return math.ceil(len(self.sizes) / self.batch_size)
+        """This rank's batches in a whole epoch (a resumed pass yields ``start_batch`` fewer)."""
+        return self._epoch_batches() // self.num_replicas

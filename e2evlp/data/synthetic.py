@@ -412,11 +412,14 @@ def _nlvr2_sentence(left, right, label: bool, rng) -> str:
 def _write_nlvr2(root: Path, split: str, num_pairs: int, rng, height: int, width: int) -> dict:
     name = NLVR2_SPLITS[split]
     labels = rng.permutation([n % 2 == 0 for n in range(num_pairs)])
+    # As in NLVR2, train images sit in numbered folders named by each row's "directory"; dev images do not.
+    directory = {"directory": "0"} if split == "train" else {}
+    folder = root / "nlvr2" / "images" / name / directory.get("directory", "")
     rows = []
     for n, label in enumerate(labels):
         left, right = random_scene(rng, height, width), random_scene(rng, height, width)
         for k, scene in enumerate((left, right)):
-            _write_png(root / "nlvr2" / "images" / name / f"{name}-{n}-0-img{k}.png", _draw(scene, height, width))
+            _write_png(folder / f"{name}-{n}-0-img{k}.png", _draw(scene, height, width))
         rows.append(
             {
                 "identifier": f"{name}-{n}-0-0",
@@ -424,7 +427,7 @@ def _write_nlvr2(root: Path, split: str, num_pairs: int, rng, height: int, width
                 "label": str(bool(label)),
                 "left_url": "",
                 "right_url": "",
-                "directory": "0",
+                **directory,
             }
         )
     path = root / "nlvr2" / f"{name}.json"
@@ -473,7 +476,7 @@ _README_LAYOUT = (
     ("vqa/v2_OpenEnded_mscoco_{split}2014_questions.json", "VQA v2 questions, 2-3 per image"),
     ("vqa/v2_mscoco_{split}2014_annotations.json", "VQA v2 answers, 10 per question"),
     ("nlvr2/{train,dev}.json", "NLVR2 JSON lines; dev is the val split"),
-    ("nlvr2/images/{train,dev}/{pair}-img{0,1}.png", "NLVR2 image pairs"),
+    ("nlvr2/images/{train/0,dev}/{pair}-img{0,1}.png", "NLVR2 image pairs"),
     ("dataset_synthetic.json", 'Karpathy-style split covering all images (half of val is "test")'),
     ("tokenizer/vocab.txt", "BERT WordPiece vocabulary of every word above (load_tokenizer reads it)"),
 )
