@@ -20,14 +20,15 @@ demo: install
 	$(PYTHON) -m benchmarks.bench_matcher --device all --quick
 	$(PYTHON) -m benchmarks.bench_attention --device cpu --quick
 
+# Every benchmark on the CPU, then on the GPU when one is visible; records, tables and plots land in
+# benchmarks/results/ (or $E2EVLP_RESULTS_DIR), one file per device and date. Peers that are not installed
+# (the `bench` extra: lap, matplotlib for the plots; xformers, torch-linear-assignment) are listed as skipped.
 bench: install
-	$(PYTHON) -m benchmarks.bench_lsap --device all
-	$(PYTHON) -m benchmarks.bench_matcher --device all
-	$(PYTHON) -m benchmarks.bench_attention --device cpu
-	$(PYTHON) -m benchmarks.bench_train_step --device all
+	$(PYTHON) -m e2evlp bench all --device all
 
-# On a machine with an NVIDIA GPU and no network: build for that GPU only, run every test (the
-# cuda-marked ones included) and the GPU benchmarks; results land in benchmarks/results/ (and $OUT).
+# On a machine with an NVIDIA GPU and no network, in under 8 minutes: build for that GPU only, run the
+# cuda-marked tests and `e2evlp bench all --device cuda --quick`; results land in $E2EVLP_RESULTS_DIR
+# (default benchmarks/results/) and, when $OUT is set, are copied there.
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

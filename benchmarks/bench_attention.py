@@ -26,39 +26,33 @@ only while its fp32 [B, H, Lq, Lk] scores fit in 2 GiB; sdpa-math, which also ma
 4 GiB). On CPU: e2evlp, e2evlp-varlen, sdpa-math and naive. Before timing, every implementation runs
 forward and backward once and its output is compared with e2evlp.reference.attention on the same inputs:
 the whole case when the reference fits in 2 GiB, else the last 256 query rows of the longest sample.
-e2evlp raises on a mismatch; a peer that raises or mismatches is skipped for that case and named.
+e2evlp raises on a mismatch; a peer that raises or mismatches is listed as skipped for that case, with why.
 
-The full run is sized for an H100/H200; on a CPU use --quick (a few tiny cases).
+bf16 on CUDA, fp32 on the CPU. The full run is sized for an H100/H200; --quick on CUDA keeps the E2E-VLP
+shapes and the sweep at L = 1024 and 4096. On the CPU, where e2evlp runs SDPA, a few tiny cases either way.
 
-    python -m benchmarks.bench_attention [--device cpu|cuda] [--quick] [--out DIR] [--dtype bf16|fp16|fp32]
+    python -m benchmarks.bench_attention [e2evlp bench options]   (the same as: e2evlp bench attention ...)
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import (
-    device_name,
-    environment,
-    make_record,
-    markdown_table,
-    publish,
-    time_interleaved,
-)
-from e2evlp import ops, reference
+from benchmarks.common import environment, make_record, missing_module, skip_note, time_interleaved
+from e2evlp import cli, ops, reference
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BENCH = "attention"
+BASELINE = ("sdpa-flash", "sdpa-math")  # the Markdown table's speed-ups are relative to the first that ran
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}  # max abs error vs the reference
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
@@ -143,13 +137,16 @@ def sweep_cases(lengths: tuple[int, ...], head_dims: tuple[int, ...], hidden: in
     return cases
 
 
-def all_cases(quick: bool) -> list[Case]:
-    if quick:
+def all_cases(device: str, quick: bool) -> list[Case]:
+    """On the CPU a few tiny cases, quick or not (e2evlp runs SDPA there: the run checks, it does not race).
+    On CUDA, quick keeps the real E2E-VLP shapes and trims the sweep to two lengths (each shape autotunes)."""
+    if device != "cuda":
         tiny = vlp_cases(3, 2, 32, (45, 70, 23), queries=10, caption=8)
         return [c for c in tiny if c.padded] + sweep_cases((128, 256), (64,), hidden=128, tokens=512)
     encoder = encoder_lengths(32, torch.Generator().manual_seed(0))
-    return (vlp_cases(32, 12, 64, encoder, queries=100, caption=40)
-            + sweep_cases((512, 1024, 2048, 4096, 8192, 16384), (64, 128), hidden=2048, tokens=16384))
+    lengths = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+    return vlp_cases(32, 12, 64, encoder, queries=100, caption=40) + sweep_cases(lengths, (64, 128), hidden=2048,
+                                                                                 tokens=16384)
 
 
 @dataclass
@@ -234,12 +231,15 @@ def sdpa(backend: SDPBackend, attn_mask: torch.Tensor | None, causal: bool) -> C
 
 
 def xformers_ops():
-    """xformers.ops, or None where xformers is missing or does not load against this torch."""
+    """(xformers.ops, None), or (None, why) where xformers is missing or does not load against this torch."""
+    why = missing_module("xformers", "xformers")
+    if why:
+        return None, why
     try:
         import xformers.ops
-    except (ImportError, OSError, RuntimeError):
-        return None
-    return xformers.ops
+    except (ImportError, OSError, RuntimeError) as exc:
+        return None, f"does not load: {str(exc).splitlines()[0][:120]}"
+    return xformers.ops, None
 
 
 def xformers_runner(xops, case: Case, inp: Inputs) -> Runner:
@@ -269,14 +269,17 @@ def runners(case: Case, inp: Inputs, device: torch.device) -> tuple[dict[str, Ru
             inp, PACKED)
     skipped = {}
     attn_mask = None if kpm is None else ~kpm[:, None, None, :]
-    backends = SDPA_BACKENDS if device.type == "cuda" else {"sdpa-math": SDPBackend.MATH}
-    for name, backend in backends.items():
-        if name == "sdpa-math" and case.scores_bytes() > MATH_SCORES_BYTES:
+    for name, backend in SDPA_BACKENDS.items():
+        if device.type != "cuda" and name != "sdpa-math":
+            skipped[name] = "CUDA only"
+        elif name == "sdpa-math" and case.scores_bytes() > MATH_SCORES_BYTES:
             skipped[name] = too_big(case, MATH_SCORES_BYTES)
         else:
             found[name] = make_runner(sdpa(backend, attn_mask, causal), inp, DENSE)
-    xops = xformers_ops() if device.type == "cuda" else None
-    if xops is not None:
+    xops, why = xformers_ops() if device.type == "cuda" else (None, "CUDA only")
+    if xops is None:
+        skipped["xformers"] = why
+    else:
         found["xformers"] = xformers_runner(xops, case, inp)
     if case.scores_bytes() > NAIVE_SCORES_BYTES:
         skipped["naive"] = too_big(case, NAIVE_SCORES_BYTES)
@@ -357,7 +360,7 @@ def time_passes(case: Case, found: dict[str, Runner], device: torch.device, dtyp
     def record(pass_: str, timing: dict[str, dict]) -> None:
         for name, t in timing.items():
             tflops = float(f"{case.flops(pass_) / t['ms'] / 1e9:.4g}")
-            records.append(make_record("attention", name, case.name, t, device=device, pass_=pass_,
+            records.append(make_record(BENCH, name, case.name, t, device=device, pass_=pass_,
                                        tflops=tflops, dtype=str(dtype).removeprefix("torch."), env=env))
 
     record("fwd", time_interleaved(dict(found), device, warmup=warmup, repeat=repeat))
@@ -369,90 +372,27 @@ def time_passes(case: Case, found: dict[str, Runner], device: torch.device, dtyp
     return records
 
 
-def baseline_of(records: list[dict]) -> str:
-    return "sdpa-flash" if any(r["impl"] == "sdpa-flash" for r in records) else "sdpa-math"
-
-
-def run(cases: list[Case], device: torch.device, dtype: torch.dtype, repeat: int) -> list[dict]:
+def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Checks, then times every implementation on every case (bf16 on CUDA, fp32 on the CPU); returns the
+    records and the skip notes (peers missing, unfit for a case, or disagreeing with the reference)."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    repeat = repeat or (10 if on_gpu else 5)
+    warmup = 3 if on_gpu else 1
     env = environment()
-    warmup = 3 if device.type == "cuda" else 1
-    records = []
-    for case in cases:
+    records, skipped = [], []
+    for case in all_cases(device.type, quick):
         inp = make_inputs(case, device, dtype)
-        found, skipped = runners(case, inp, device)
-        skipped |= check(case, inp, found, dtype)
-        if skipped:
-            print(f"{case.name}: skipped " + ", ".join(f"{name} ({why})" for name, why in skipped.items()))
-        mine = time_passes(case, found, device, dtype, env, warmup, repeat)
-        print(markdown_table(mine, baseline=baseline_of(mine)), flush=True)
-        records += mine
+        found, left_out = runners(case, inp, device)
+        left_out |= check(case, inp, found, dtype)
+        skipped += [skip_note(BENCH, name, why, case.name) for name, why in left_out.items()]
+        records += time_passes(case, found, device, dtype, env, warmup, repeat)
         del inp, found
-        if device.type == "cuda":  # shapes change every case: return cached blocks so peaks stay comparable
+        if on_gpu:  # shapes change every case: return cached blocks so peaks stay comparable
             torch.cuda.empty_cache()
-    return records
-
-
-def plot(records: list[dict], cases: list[Case], path: Path, title: str) -> None:
-    """TFLOP/s against L for the sweep: a panel per pass and (head dim, causal), a line per implementation."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    matplotlib.use("Agg")  # no display on benchmark hosts
-    import matplotlib.pyplot as plt
-
-    sweep = {c.name: c for c in cases if c.sweep}
-    if not sweep:
-        return
-    groups = sorted({(c.head_dim, c.causal) for c in sweep.values()})
-    impls = list(dict.fromkeys(r["impl"] for r in records))
-    fig, axes = plt.subplots(len(PASSES), len(groups), figsize=(4 * len(groups), 3 * len(PASSES)),
-                             squeeze=False)
-    handles = {}
-    for (row, pass_), (col, group) in itertools.product(enumerate(PASSES), enumerate(groups)):
-        ax = axes[row][col]
-        for impl in impls:
-            points = sorted((sweep[r["case"]].max_q, r["tflops"]) for r in records
-                            if r["impl"] == impl and r["pass"] == pass_ and r["case"] in sweep
-                            and (sweep[r["case"]].head_dim, sweep[r["case"]].causal) == group)
-            if points:
-                handles[impl] = ax.plot(*zip(*points), marker="o", label=impl,
-                                        color=f"C{impls.index(impl)}")[0]
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{pass_}, D={group[0]}" + (", causal" if group[1] else ""), fontsize="medium")
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("TFLOP/s")
-    fig.suptitle(title)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles))
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--quick", action="store_true", help="a few tiny cases (the demo; CPU)")
-    parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no GPU is visible")
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    repeat = args.repeat or (10 if device.type == "cuda" else 5)
-    cases = all_cases(args.quick)
-    records = run(cases, device, dtype, repeat)
-    baseline = baseline_of(records)
-    path = publish(records, f"attention-{args.device}", args.quick, args.out, baseline=baseline)
-    plot(records, cases, path.with_suffix(".png"), f"attention {str(dtype).removeprefix('torch.')}, "
-                                                    f"{device_name(device)}")
-    return records
+    return records, skipped
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["bench", "attention", *sys.argv[1:]]))

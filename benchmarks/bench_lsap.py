@@ -4,26 +4,22 @@ DETR-shaped problems: B images, N queries (rows), M targets (columns) fixed or d
 U[0, 50] (padded to 50, with num_cols). On CUDA inputs the scipy loop pays its device-to-host copy,
 as DETR's matcher does. Every implementation's total cost is checked against scipy before timing.
 
-    python -m benchmarks.bench_lsap [--device cpu|cuda|all] [--quick] [--out DIR]
+    python -m benchmarks.bench_lsap [e2evlp bench options]   (the same as: e2evlp bench lsap ...)
 """
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import numpy as np
 import scipy.optimize
 import torch
 
-from benchmarks.common import (
-    bench_arguments,
-    environment,
-    make_record,
-    publish,
-    time_interleaved,
-)
-from e2evlp import ops, reference
+from benchmarks.common import environment, make_record, missing_module, skip_note, time_interleaved
+from e2evlp import cli, ops, reference
 
+BENCH = "lsap"
+BASELINE = "scipy-loop"  # the column the Markdown table's speed-ups are relative to
 PAD_COST = 1e6  # what peers without padding support see in padded columns
 
 
@@ -59,10 +55,13 @@ def scipy_totals(cost: torch.Tensor, counts: list[int]) -> np.ndarray:
     return np.array(out)
 
 
-def peers(device: str) -> dict:
-    """Optional peers that are installed: name -> fn(cost, padded, num_cols, counts)."""
-    found = {}
-    if device == "cpu" and importlib.util.find_spec("lap") is not None:
+def peers(device: str) -> tuple[dict, list[dict]]:
+    """The optional peers that can run here, name -> fn(cost, padded, num_cols, counts), and skip notes for the rest."""
+    found, skipped = {}, []
+    why = missing_module("lap", "lap") if device == "cpu" else "a host solver: timed with --device cpu"
+    if why:
+        skipped.append(skip_note(BENCH, "lap", why))
+    else:
         import lap
 
         def lap_loop(cost, padded, num_cols, counts):
@@ -75,52 +74,52 @@ def peers(device: str) -> dict:
             return torch.from_numpy(out)
 
         found["lap"] = lap_loop
-    if device == "cuda" and importlib.util.find_spec("torch_linear_assignment") is not None:
+    why = missing_module("torch_linear_assignment", "torch-linear-assignment") if device == "cuda" else "CUDA only"
+    if why:
+        skipped.append(skip_note(BENCH, "torch-linear-assignment", why))
+    else:
         from torch_linear_assignment import batch_linear_assignment
 
-        def tla(cost, padded, num_cols, counts):
-            return batch_linear_assignment(padded)
-
-        found["torch-linear-assignment"] = tla
-    return found
+        found["torch-linear-assignment"] = lambda cost, padded, num_cols, counts: batch_linear_assignment(padded)
+    return found, skipped
 
 
-def run(device: str, quick: bool, repeat: int) -> list[dict]:
+def cases(device: str, quick: bool) -> list[tuple[int, int, str]]:
+    """(batch, rows, cols) per case; the quick GPU set keeps the batch sweep that shows the solver's scaling."""
+    if not quick:
+        batches, shapes = [1, 8, 64, 256], [(100, "U[0,50]"), (100, "100"), (300, "U[0,50]"), (300, "100")]
+    elif device == "cuda":
+        batches, shapes = [1, 64, 256], [(100, "U[0,50]"), (100, "100")]
+    else:
+        batches, shapes = [1, 8, 64], [(100, "U[0,50]")]
+    return [(batch, rows, cols) for rows, cols in shapes for batch in batches]
+
+
+def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Times every implementation on every case; returns the records and the skip notes."""
     env = environment()
-    batches = [1, 8, 64] if quick else [1, 8, 64, 256]
-    shapes = [(100, "U[0,50]")] if quick else [(100, "U[0,50]"), (100, "100"), (300, "U[0,50]"), (300, "100")]
+    repeat = repeat or (5 if quick else 15)
     impls = {
         "e2evlp": lambda c, p, n, k: ops.linear_sum_assignment(c, num_cols=n),
         "scipy-loop": lambda c, p, n, k: reference.linear_sum_assignment(c, num_cols=k),
     }
-    impls.update(peers(device))
+    found, skipped = peers(device)
+    impls.update(found)
     records = []
-    for rows, cols in shapes:
-        for batch in batches:
-            cost, padded, num_cols, counts = make_case(batch, rows, cols, device)
-            expected = scipy_totals(cost, counts)
-            for name, fn in impls.items():
-                got = totals(cost, fn(cost, padded, num_cols, counts), counts)
-                if not np.allclose(got, expected, rtol=1e-6, atol=1e-6):
-                    raise AssertionError(f"{name} is not optimal on B={batch} N={rows} M={cols}")
-            timing = time_interleaved({n: (lambda f=f: f(cost, padded, num_cols, counts)) for n, f in impls.items()},
-                                      device, warmup=2, repeat=repeat)
-            case = f"B={batch} N={rows} M={'~' + cols if cols.startswith('U') else cols}"
-            for name, t in timing.items():
-                records.append(make_record("lsap", name, case, t, device=device, dtype="float32", env=env))
-    return records
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    args, devices = bench_arguments(__doc__, "fewer, smaller cases (the demo)", argv)
-    repeat = args.repeat or (5 if args.quick else 15)
-    records = []
-    for device in devices:
-        mine = run(device, args.quick, repeat)
-        publish(mine, f"lsap-{device}", args.quick, args.out, baseline="scipy-loop")
-        records += mine
-    return records
+    for batch, rows, cols in cases(device, quick):
+        cost, padded, num_cols, counts = make_case(batch, rows, cols, device)
+        expected = scipy_totals(cost, counts)
+        for name, fn in impls.items():
+            got = totals(cost, fn(cost, padded, num_cols, counts), counts)
+            if not np.allclose(got, expected, rtol=1e-6, atol=1e-6):
+                raise AssertionError(f"{name} is not optimal on B={batch} N={rows} M={cols}")
+        timing = time_interleaved({n: (lambda f=f: f(cost, padded, num_cols, counts)) for n, f in impls.items()},
+                                  device, warmup=2, repeat=repeat)
+        case = f"B={batch} N={rows} M={'~' + cols if cols.startswith('U') else cols}"
+        for name, t in timing.items():
+            records.append(make_record(BENCH, name, case, t, device=device, dtype="float32", env=env))
+    return records, skipped
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["bench", "lsap", *sys.argv[1:]]))

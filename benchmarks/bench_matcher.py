@@ -7,25 +7,22 @@ Cases: B images, Q queries, C = 91 classes, T ~ U[0, 50] targets per image. Two 
 Each implementation's answer is checked against DETR's before timing (same total matching cost,
 same losses).
 
-    python -m benchmarks.bench_matcher [--device cpu|cuda|all] [--quick] [--out DIR]
+    python -m benchmarks.bench_matcher [e2evlp bench options]   (the same as: e2evlp bench matcher ...)
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
-from benchmarks.common import (
-    bench_arguments,
-    environment,
-    make_record,
-    markdown_table,
-    publish,
-    time_interleaved,
-)
+from benchmarks.common import environment, make_record, time_interleaved
+from e2evlp import cli, reference
 from e2evlp import nn as enn
-from e2evlp import reference
 
+BENCH = "matcher"
+BASELINE = "detr"  # the column the Markdown table's speed-ups are relative to
 WEIGHTS = dict(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
 LAYER_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 # As DETR builds it: the same weights for every auxiliary layer's suffixed losses.
@@ -95,11 +92,19 @@ def check_criteria(found, outputs, targets):
                 raise AssertionError(f"{name}: {key} = {got[key]} but DETR gives {want[key]}")
 
 
-def run(device: str, quick: bool, repeat: int) -> list[dict]:
+def cases(device: str, quick: bool) -> list[tuple[int, int]]:
+    """(B, Q) per case: two batch sizes even when quick, so the plot has a line to draw."""
+    if not quick:
+        return [(8, 100), (64, 100), (8, 300), (64, 300)]
+    return [(8, 100), (64, 100)] if device == "cuda" else [(2, 100), (8, 100)]
+
+
+def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Times the matcher alone and matcher + criterion on every case; returns the records and no skip notes."""
     env = environment()
-    shapes = [(8, 100)] if quick else [(8, 100), (64, 100), (8, 300), (64, 300)]
+    repeat = repeat or (3 if device == "cpu" else 10)
     records = []
-    for B, Q in shapes:
+    for B, Q in cases(device, quick):
         outputs, targets = make_batch(B, Q, 6, device)
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         found = matchers()
@@ -107,7 +112,7 @@ def run(device: str, quick: bool, repeat: int) -> list[dict]:
         timing = time_interleaved({name: (lambda m=m: m(main, targets)) for name, m in found.items()}, device,
                                   warmup=1, repeat=repeat)
         case = f"B={B} Q={Q} C={CLASSES} T~U[0,50] L=1 matcher"
-        records += [make_record("matcher", name, case, t, device=device, dtype="float32", pass_="fwd", env=env)
+        records += [make_record(BENCH, name, case, t, device=device, dtype="float32", pass_="fwd", env=env)
                     for name, t in timing.items()]
 
         found = criteria(device)
@@ -122,22 +127,10 @@ def run(device: str, quick: bool, repeat: int) -> list[dict]:
         timing = time_interleaved({name: (lambda c=c: step(c)) for name, c in found.items()}, device, warmup=1,
                                   repeat=repeat)
         case = f"B={B} Q={Q} C={CLASSES} T~U[0,50] L=6 criterion"
-        records += [make_record("matcher", name, case, t, device=device, dtype="float32", pass_="fwd+bwd", env=env)
+        records += [make_record(BENCH, name, case, t, device=device, dtype="float32", pass_="fwd+bwd", env=env)
                     for name, t in timing.items()]
-        print(markdown_table(records[-6:], baseline="detr"), flush=True)
-    return records
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    args, devices = bench_arguments(__doc__, "one small case (the demo)", argv)
-    records = []
-    for device in devices:
-        repeat = args.repeat or (3 if device == "cpu" else 10)
-        mine = run(device, args.quick, repeat)
-        publish(mine, f"matcher-{device}", args.quick, args.out, baseline="detr")
-        records += mine
-    return records
+    return records, []
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["bench", "matcher", *sys.argv[1:]]))

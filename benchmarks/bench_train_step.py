@@ -2,29 +2,28 @@
 
 On a GPU: the ``base`` preset (ResNet-50, BERT-base encoder, 6-layer decoder, 100 queries), batch 32,
 images resized DETR-style into a 512×672 canvas with per-image padding, 20–40 text tokens, all four
-tasks, bf16 autocast. On the CPU: the ``tiny`` preset at batch 4 (the step runs and is reported).
+tasks, bf16 autocast (--quick: batch 8). On the CPU: the ``tiny`` preset at batch 4 (the step runs and is reported).
 Both models start from the same weights and see the same batch. Reported per implementation:
 ms per step, samples/s, tokens/s (text + image tokens of the encoder), peak memory and MFU, with
 FLOPs estimated as 6 × (non-embedding Transformer parameters) × encoder tokens + the backbone's
 forward FLOPs × 3 (counted with torch.utils.flop_counter on one forward).
 
-    python -m benchmarks.bench_train_step [--device cpu|cuda|all] [--quick] [--out DIR]
+    python -m benchmarks.bench_train_step [e2evlp bench options]   (the same as: e2evlp bench train-step ...)
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import (
-    bench_arguments,
-    environment,
-    make_record,
-    publish,
-    time_interleaved,
-)
+from benchmarks.common import environment, make_record, time_interleaved
+from e2evlp import cli
 from e2evlp.models import E2EVLPConfig, E2EVLPForPretraining
 
+BENCH = "train_step"
+BASELINE = "reference"  # the column the Markdown table's speed-ups are relative to
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by datasheet
 
 
@@ -62,10 +61,19 @@ def step_flops(model: E2EVLPForPretraining, batch: dict, encoder_tokens: int) ->
     return 6.0 * transformer * encoder_tokens + 3.0 * counter.get_total_flops()
 
 
-def run(device: str, quick: bool, repeat: int) -> list[dict]:
+def shape(device: str, quick: bool) -> tuple[str, int, int, int]:
+    """(preset, batch, canvas height, width); the quick GPU step keeps the paper's model at a quarter of the batch."""
+    if device != "cuda":
+        return "tiny", 4, 64, 96
+    return ("base", 8, 512, 672) if quick else ("base", 32, 512, 672)
+
+
+def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Times one step of each model; returns the records and no skip notes."""
     env = environment()
     on_gpu = device == "cuda"
-    preset, B, H, W = ("base", 32, 512, 672) if on_gpu and not quick else ("tiny", 4, 64, 96)
+    repeat = repeat or (5 if quick else 10 if on_gpu else 3)
+    preset, B, H, W = shape(device, quick)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     models, optimizers = {}, {}
     for impl, kernels in (("e2evlp", "fused"), ("reference", "reference")):
@@ -94,26 +102,13 @@ def run(device: str, quick: bool, repeat: int) -> list[dict]:
     for impl, t in timing.items():
         seconds = t["ms"] / 1e3
         tflops = flops / seconds / 1e12
-        records.append(make_record("train_step", impl, case, t, device=device, dtype=str(dtype).split(".")[-1],
+        records.append(make_record(BENCH, impl, case, t, device=device, dtype=str(dtype).split(".")[-1],
                                    pass_="step", tflops=round(tflops, 3), env=env,
                                    samples_per_s=round(B / seconds, 2),
                                    tokens_per_s=round(encoder_tokens / seconds, 1),
                                    mfu=None if peak is None else round(tflops / peak, 4)))
-    return records
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    args, devices = bench_arguments(__doc__, "the tiny preset on every device", argv)
-    records = []
-    for device in devices:
-        mine = run(device, args.quick, args.repeat or (10 if device == "cuda" else 3))
-        for r in mine:
-            print(f"{r['impl']}: {r['samples_per_s']} samples/s, {r['tokens_per_s']} tokens/s, "
-                  f"peak {r['peak_mem_mb']} MB, {r['tflops']} TFLOP/s, MFU {r['mfu']}")
-        publish(mine, f"train_step-{device}", args.quick, args.out, baseline="reference")
-        records += mine
-    return records
+    return records, []
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(["bench", "train-step", *sys.argv[1:]]))

@@ -1,9 +1,9 @@
-"""Shared benchmark plumbing: interleaved timing with warm-up and device sync, records, tables, JSON output."""
+"""Shared benchmark plumbing: interleaved timing with warm-up and device sync, records, skip notes, tables, files."""
 
 from __future__ import annotations
 
-import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -105,27 +105,46 @@ def make_record(bench: str, impl: str, case: str, timing: dict, *, device: torch
     return record
 
 
-def write_results(records: list[dict], name: str, out_dir: Path | str | None = None,
-                  baseline: str | None = None) -> Path:
-    """Writes {"records": [...]} to <out_dir>/<name>.json atomically and a Markdown table beside it."""
-    out_dir = Path(out_dir) if out_dir else RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"records": records}, indent=1) + "\n")
+def read_records(path: Path | str) -> list[dict]:
+    """Records from a results file: a list of records, or {"records": [...]}."""
+    data = json.loads(Path(path).read_text())
+    return data["records"] if isinstance(data, dict) else data
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    """Writes atomically (a temporary file, then a rename), so a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
-    md = out_dir / f"{name}.md"
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text(markdown_table(records, baseline) + "\n")
-    os.replace(tmp, md)
     return path
 
 
-def markdown_table(records: list[dict], baseline: str | None = None) -> str:
-    """One row per case, one column per implementation (median ms), plus each one's speed-up over `baseline`."""
+def write_json(path: Path | str, records: list[dict], skipped: list[dict] | None = None) -> Path:
+    data = {"records": records} if skipped is None else {"records": records, "skipped": skipped}
+    return write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def skip_note(bench: str, impl: str, why: str, case: str | None = None) -> dict:
+    """An implementation that did not run, and why (printed and kept beside the records, never timed)."""
+    return {"bench": bench, "impl": impl, "case": case, "why": why}
+
+
+def missing_module(module: str, package: str) -> str | None:
+    """Why a peer cannot run when its module is not importable, else None."""
+    if importlib.util.find_spec(module) is None:
+        return f"not installed (pip install {package})"
+    return None
+
+
+def markdown_table(records: list[dict], baseline: str | tuple[str, ...] = ()) -> str:
+    """One row per case, one column per implementation (median ms), plus each one's speed-up over the
+    baseline: the first of `baseline` that ran, else the last implementation."""
     impls = list(dict.fromkeys(r["impl"] for r in records))
     cases = list(dict.fromkeys((r["case"], r["pass"], r["device"]) for r in records))
-    baseline = baseline or impls[-1]
+    candidates = (baseline,) if isinstance(baseline, str) else baseline
+    baseline = next((name for name in candidates if name in impls), impls[-1])
     others = [i for i in impls if i != baseline]
     header = ["case", "device"] + [f"{i} ms" for i in impls] + [f"{i} vs {baseline}" for i in others]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -139,28 +158,3 @@ def markdown_table(records: list[dict], baseline: str | None = None) -> str:
             row.append(f"{times[baseline] / times[i]:.2f}x" if ok else "—")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-def bench_arguments(doc: str, quick_help: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """The benchmarks' shared command line (--device cpu|cuda|all, --quick, --repeat, --out) and the
-    devices to run on; asking for CUDA explicitly without a GPU is an error, `all` just skips it."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not torch.cuda.is_available():
-        if args.device == "cuda":
-            parser.error("--device cuda but no GPU is visible")
-        devices.remove("cuda")
-    return args, devices
-
-
-def publish(records: list[dict], name: str, quick: bool, out_dir: Path | str | None, baseline: str) -> Path:
-    """Prints the records' table and writes them as <name>[-quick].json/.md under out_dir."""
-    print(markdown_table(records, baseline=baseline))
-    path = write_results(records, name + ("-quick" if quick else ""), out_dir, baseline=baseline)
-    print(f"wrote {path}")
-    return path

@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from e2evlp.commands import add_commands
+
 
 def environment_info() -> dict:
     """Versions, the extension's build, the visible GPUs and the attention backend per device."""
@@ -78,27 +80,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"lsap": "bench_lsap", "matcher": "bench_matcher", "attention": "bench_attention",
-              "train-step": "bench_train_step"}
+BENCHMARKS = ("lsap", "matcher", "boxes", "attention", "train-step")  # benchmarks/suite.py's MODULES, in run order
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Runs the checkout's benchmark scripts (benchmarks/ ships with the source, not the wheel)."""
-    import importlib
-
+    """Runs the checkout's benchmark suite (benchmarks/ ships with the source, not the wheel)."""
     root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "common.py").is_file():
+    if not (root / "benchmarks" / "suite.py").is_file():
         print("e2evlp bench runs the scripts in a source checkout's benchmarks/ folder, and none is beside this "
               f"installation ({root}); clone the repository and run it from there.", file=sys.stderr)
         return 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    names = list(BENCHMARKS) if args.name == "all" else [args.name]
-    extra = ["--device", args.device] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
-    for name in names:
-        print(f"== {name}", flush=True)
-        importlib.import_module(f"benchmarks.{BENCHMARKS[name]}").main(extra)
-    return 0
+    from benchmarks.suite import run_command
+
+    return run_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,11 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, the extension's build, GPUs, attention backend")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_info)
+    add_commands(commands)
     bench = commands.add_parser("bench", help="run the benchmarks (from a source checkout)")
     bench.add_argument("name", choices=[*BENCHMARKS, "all"])
-    bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    bench.add_argument("--quick", action="store_true", help="the small cases only")
-    bench.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                       help="all (default): the CPU, then the GPU when one is visible")
+    bench.add_argument("--quick", action="store_true", help="the small cases (minutes on a CPU; make gpu-check's set)")
+    bench.add_argument("--repeat", type=int, default=None, help="timed calls per implementation and case")
+    bench.add_argument("--out", default=None, metavar="DIR",
+                       help="results folder (default $E2EVLP_RESULTS_DIR, else benchmarks/results)")
+    bench.add_argument("--json", default=None, metavar="FILE", help="write this run's records and skips as JSON")
+    bench.add_argument("--markdown", default=None, metavar="FILE", help="write this run's tables as Markdown")
+    bench.add_argument("--plot", default=None, metavar="FILE", help="plot this run's size sweeps (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

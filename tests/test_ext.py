@@ -84,7 +84,9 @@ def test_attention_backend_override(monkeypatch):
 
 
 def test_bench_command_runs_a_quick_benchmark(tmp_path):
-    assert cli.main(["bench", "lsap", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
-    records = json.loads((tmp_path / "lsap-cpu-quick.json").read_text())["records"]
+    run = tmp_path / "run.json"
+    assert cli.main(["bench", "lsap", "--device", "cpu", "--quick", "--out", str(tmp_path), "--json", str(run)]) == 0
+    records = json.loads(run.read_text())["records"]
+    assert list(tmp_path.glob("*-quick.json")), "the results folder gets its per-device, per-date file"
     assert {r["impl"] for r in records} >= {"e2evlp", "scipy-loop"}
     assert all(r["bench"] == "lsap" and r["ms"] > 0 for r in records)

@@ -1,0 +1,107 @@
+"""The `e2evlp` subcommands that train and use models: demo, pretrain, finetune, evaluate, caption."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+FINETUNE_TASKS = ("vqa", "nlvr2", "caption", "retrieval")
+EVALUATE_TASKS = ("pretrain", "vqa", "nlvr2", "caption", "retrieval", "detection")
+
+
+def _print_json(payload: dict) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from e2evlp.demo import DemoConfig, results_table, run_demo
+
+    demo = DemoConfig()
+    if args.steps is not None:
+        demo.steps = args.steps
+    if args.vqa_steps is not None:
+        demo.vqa_steps = args.vqa_steps
+    results = run_demo(args.out, demo=demo, draw=not args.no_picture)
+    print(results_table(results))
+    print(f"\n{results['vqa_method']}; {results['seconds']} s on {results['device']}.")
+    print(f"results: {args.out}/results.json" + (f", picture: {results['picture']}" if "picture" in results else ""))
+    return 0
+
+
+def _load_config(args: argparse.Namespace) -> dict:
+    from e2evlp.train.run_config import load_run_config
+
+    return load_run_config(args.config, args.overrides)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from e2evlp.train.launch import train
+
+    _print_json(train("pretrain", _load_config(args)))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from e2evlp.train.launch import train
+
+    _print_json(train(args.task, _load_config(args)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from e2evlp.train.launch import evaluate
+
+    _print_json(evaluate(args.task, _load_config(args), args.checkpoint, split=args.split))
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from e2evlp.train.launch import caption_images
+
+    captions = caption_images(args.images, args.checkpoint, tokenizer_dir=args.tokenizer, num_beams=args.num_beams,
+                              image_size=args.image_size)
+    for path, caption in zip(args.images, captions):
+        print(f"{path}\t{caption}")
+    return 0
+
+
+def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, default=None, metavar="FILE",
+                        help="run config (YAML; see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config values, e.g. train.lr=3e-4 data.batch_size=16")
+
+
+def add_commands(commands) -> None:
+    """Registers the subcommands on the `e2evlp` parser's subparsers."""
+    demo = commands.add_parser("demo", help="synthetic data → pre-train the tiny model → evaluate (the default job)")
+    demo.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
+    demo.add_argument("--steps", type=int, default=None, help="pre-training steps (default 2000)")
+    demo.add_argument("--vqa-steps", type=int, default=None, help="VQA fine-tuning steps (default 300)")
+    demo.add_argument("--no-picture", action="store_true", help="skip demo.png")
+    demo.set_defaults(func=cmd_demo)
+
+    pretrain = commands.add_parser("pretrain", help="pre-train (MLM, ITM, detection, captioning); torchrun-ready")
+    _config_arguments(pretrain)
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    finetune = commands.add_parser("finetune", help="fine-tune on VQA v2, NLVR2, captioning or retrieval")
+    finetune.add_argument("task", choices=FINETUNE_TASKS)
+    _config_arguments(finetune)
+    finetune.set_defaults(func=cmd_finetune)
+
+    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a task's val or test split")
+    evaluate.add_argument("task", choices=EVALUATE_TASKS)
+    evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="a model folder or a run folder")
+    evaluate.add_argument("--split", default="val", choices=["val", "test"])
+    _config_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    caption = commands.add_parser("caption", help="caption image files with a trained model")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.add_argument("--checkpoint", required=True, metavar="DIR")
+    caption.add_argument("--tokenizer", default=None, metavar="DIR",
+                         help="tokenizer folder (default: the one saved with the checkpoint)")
+    caption.add_argument("--num-beams", type=int, default=3)
+    caption.add_argument("--image-size", type=int, default=None, help="shorter side for the model's input")
+    caption.set_defaults(func=cmd_caption)
