@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from e2evlp import ops
 from e2evlp.models.config import E2EVLPConfig
@@ -52,6 +53,14 @@ class E2EVLPForCaptioning(PretrainedModule):
         self.config = config
         self.model = E2EVLPModel(config)
         self.caption_head = LMHead(config.hidden_size, self.model.embeddings.word_embeddings, config.layer_norm_eps)
+
+    @classmethod
+    def sharing(cls, model: E2EVLPModel, caption_head: LMHead) -> E2EVLPForCaptioning:
+        """A captioner over existing modules (e.g. a pre-training model's trunk and caption head), no copy."""
+        captioner = cls.__new__(cls)
+        nn.Module.__init__(captioner)
+        captioner.config, captioner.model, captioner.caption_head = model.config, model, caption_head
+        return captioner
 
     def forward(self, pixel_values, pixel_mask=None, caption_ids=None, caption_mask=None) -> CaptioningOutput:
         memory = self.model.encode(pixel_values=pixel_values, pixel_mask=pixel_mask)

@@ -34,12 +34,14 @@ class PretrainedModule(nn.Module):
 
     config: E2EVLPConfig
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Writes config.json and model.safetensors; `state_dict` replaces ``self.state_dict()`` where the
+        caller gathered it (an FSDP-sharded model's full state)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-        tensors = without_tied_aliases(self.state_dict())
+        tensors = without_tied_aliases(self.state_dict() if state_dict is None else state_dict)
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
 
     @classmethod

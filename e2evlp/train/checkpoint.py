@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from e2evlp.io import atomic_write, without_tied_aliases
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "training_state.pt"
 STEP_DIR = re.compile(r"step-(\d+)")
+STAGING_DIR = re.compile(r"step-\d+\.tmp-\d+")  # what a save killed mid-write leaves behind
 
 
 def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -72,12 +74,14 @@ def _publish(staging: Path, directory: Path) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, step: int, extra: dict | None = None) -> Path:
+                    scheduler=None, step: int, extra: dict | None = None, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Writes model weights and training state into `directory`, all or nothing.
 
     Everything goes to `directory.tmp-<pid>` first, which then replaces `directory` by rename, so a kill
     never leaves a partial checkpoint there. `extra` must hold only what ``torch.load(weights_only=True)``
-    reads back: tensors, numbers, strings and containers of them."""
+    reads back: tensors, numbers, strings and containers of them. `model_state` / `optimizer_state` replace
+    ``model.state_dict()`` / ``optimizer.state_dict()`` where the caller gathered them (a sharded model)."""
     directory = Path(directory)
     staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     if staging.exists():
@@ -85,12 +89,14 @@ def save_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer
     staging.mkdir(parents=True)
     try:
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=model_state)
         else:
-            tensors = without_tied_aliases(model.state_dict(), prefer_prefix="")
+            tensors = without_tied_aliases(model.state_dict() if model_state is None else model_state,
+                                           prefer_prefix="")
             atomic_write(staging / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
-        state = {"step": step, "extra": extra or {}, "rng": _rng_state(),
-                 "optimizer": None if optimizer is None else optimizer.state_dict(),
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        state = {"step": step, "extra": extra or {}, "rng": _rng_state(), "optimizer": optimizer_state,
                  "scheduler": None if scheduler is None else scheduler.state_dict()}
         atomic_write(staging / STATE_NAME, lambda tmp: torch.save(state, tmp))
         _publish(staging, directory)
@@ -114,20 +120,31 @@ def _load_weights(path: Path, model: nn.Module) -> None:
 
 
 def load_checkpoint(directory: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, restore_rng: bool = True) -> dict:
-    """Restores what `save_checkpoint` wrote into the given objects; returns ``{"step", "extra"}``."""
+                    scheduler=None, restore_rng: bool = True,
+                    load_model_state: Callable[[dict], None] | None = None,
+                    load_optimizer_state: Callable[[dict], None] | None = None) -> dict:
+    """Restores what `save_checkpoint` wrote into the given objects; returns ``{"step", "extra"}``.
+
+    `load_model_state` / `load_optimizer_state`, when given, receive the saved state dicts instead of
+    ``model`` / ``optimizer`` (a sharded model loads the full state its own way)."""
     directory = Path(directory)
     for name in (WEIGHTS_NAME, STATE_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"no {name} in {directory}: not a complete checkpoint")
-    _load_weights(directory / WEIGHTS_NAME, model)
+    if load_model_state is None:
+        _load_weights(directory / WEIGHTS_NAME, model)
+    else:
+        load_model_state(safetensors.torch.load_file(directory / WEIGHTS_NAME))
     # map_location: the optimizer moves its state to its parameters' device itself.
     state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
-    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
-        if target is not None:
+    if optimizer is not None and load_optimizer_state is None:
+        load_optimizer_state = optimizer.load_state_dict
+    for name, load in (("optimizer", load_optimizer_state),
+                       ("scheduler", None if scheduler is None else scheduler.load_state_dict)):
+        if load is not None:
             if state[name] is None:
                 raise ValueError(f"{directory} was saved without a {name} state")
-            target.load_state_dict(state[name])
+            load(state[name])
     if restore_rng:
         _set_rng_state(state["rng"])
     return {"step": state["step"], "extra": state["extra"]}
@@ -142,3 +159,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
                 if (match := STEP_DIR.fullmatch(path.name))
                 and (path / WEIGHTS_NAME).is_file() and (path / STATE_NAME).is_file()]
     return max(complete)[1] if complete else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, *, keep_last: int) -> None:
+    """Deletes the `step-*` directories under `run_dir` beyond the newest `keep_last` (0 keeps them all), and
+    the staging directories of saves that were killed (call it when no save is in flight)."""
+    entries = list(Path(run_dir).iterdir())
+    steps = sorted((int(match[1]), path) for path in entries if (match := STEP_DIR.fullmatch(path.name)))
+    doomed = [path for _, path in steps[:-keep_last]] if keep_last else []
+    doomed += [path for path in entries if STAGING_DIR.fullmatch(path.name)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,146 @@
+"""Entry points behind `e2evlp pretrain / finetune / evaluate / caption`: one process or one torchrun rank each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from e2evlp.data.collate import pad_images
+from e2evlp.data.readers import load_image
+from e2evlp.io import atomic_write
+from e2evlp.train import distributed
+from e2evlp.train.recipes import (
+    TASK_MODELS,
+    answer_vocab,
+    build_collator,
+    build_dataset,
+    build_model,
+    captioner_of,
+    evaluate_task,
+    image_transforms,
+    load_answer_vocab,
+    resolve_checkpoint,
+    save_answer_vocab,
+    tokenizer_for,
+    train_loader,
+)
+from e2evlp.train.trainer import Trainer, TrainerConfig
+
+FINAL_DIR = "final"
+
+
+def train(task: str, config: dict) -> dict:
+    """Trains `task` ("pretrain" or a fine-tuning task) as the run config says; rank 0 exports the final model
+    (weights, config, tokenizer, answer vocabulary, run config) to ``<output_dir>/final`` and, when the config
+    has a ``data.val`` (or Karpathy val split), evaluates it there."""
+    if task not in TASK_MODELS:
+        raise ValueError(f"task must be one of {tuple(TASK_MODELS)}, got {task!r}")
+    if not config["train"].get("output_dir") or not config["train"].get("max_steps"):
+        raise ValueError("train.output_dir and train.max_steps must be set (in the YAML file or as key=value)")
+    device = distributed.init_distributed()
+    seed = int(config["train"].get("seed", 0))
+    tokenizer = tokenizer_for(config)
+    answers, fields = None, {}
+    if task == "vqa":
+        answers = _answers_for(config)
+        fields["num_answers"] = len(answers)
+    model = build_model(task, config, tokenizer, **fields)
+    dataset = build_dataset(task, config, "train", train=True, answers=answers, seed=seed)
+    collator = build_collator(task, model.config, tokenizer, train=True, seed=seed)
+    loader = train_loader(dataset, collator, config, seed=seed, num_replicas=distributed.world_size(),
+                          rank=distributed.rank(), pin_memory=device.type == "cuda")
+    # Fine-tuning models leave parts of the pre-trained trunk unused (VQA and NLVR2: the decoder).
+    trainer_config = TrainerConfig(**{"find_unused_parameters": task != "pretrain", **config["train"]})
+    trainer = Trainer(model, trainer_config, loader, device=device)
+    summary = trainer.train()
+    full_state = distributed.full_model_state_dict(trainer.model) if distributed.is_sharded(trainer.model) else None
+    if distributed.is_main_process() and summary.get("stopped") == "done":
+        final = export(model, tokenizer, config, answers, state_dict=full_state)
+        summary["final"] = str(final)
+        if _has_val(task, config) and config["train"].get("distributed", "ddp") != "fsdp":
+            summary["eval"] = evaluate_task(task, model, config, "val", tokenizer, answers=answers)
+            _append_log(Path(config["train"]["output_dir"]), {"eval": summary["eval"]})
+    distributed.barrier()
+    return summary
+
+
+def _answers_for(config: dict) -> list[str]:
+    init = config["model"].get("init")
+    if init:
+        directory = resolve_checkpoint(init)
+        if (directory / "answer_vocab.json").is_file():
+            return load_answer_vocab(directory)
+    return answer_vocab(config, num_answers=int(config["data"].get("answers", 3129)))
+
+
+def _has_val(task: str, config: dict) -> bool:
+    data = config["data"]
+    return bool(data.get("val")) or (task in ("caption", "retrieval") and bool(data.get("karpathy")))
+
+
+def export(model, tokenizer, config: dict, answers: list[str] | None, state_dict: dict | None = None) -> Path:
+    """Writes everything `evaluate` and `caption` need into ``<output_dir>/final``."""
+    final = Path(config["train"]["output_dir"]) / FINAL_DIR
+    model.save_pretrained(final, state_dict=state_dict)
+    tokenizer.save_pretrained(str(final))
+    if answers is not None:
+        save_answer_vocab(final, answers)
+    atomic_write(final / "run_config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config)))
+    return final
+
+
+def _append_log(output_dir: Path, record: dict) -> None:
+    with open(output_dir / "log.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def evaluate(task: str, config: dict, checkpoint: str | Path, split: str = "val") -> dict:
+    """`task`'s metrics of a saved model (a model directory or a run directory's latest checkpoint)."""
+    directory = resolve_checkpoint(checkpoint)
+    tokenizer = tokenizer_for(config, directory)
+    model_task = "pretrain" if task == "detection" else task
+    config = {**config, "model": {**config["model"], "init": str(directory)}}
+    answers = load_answer_vocab(directory) if task == "vqa" else None
+    model = build_model(model_task, config, tokenizer).to(_device())
+    return evaluate_task(task, model, config, split, tokenizer, answers=answers)
+
+
+def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenizer_dir: str | Path | None = None,
+                   num_beams: int = 3, image_size: int | None = None) -> list[str]:
+    """Captions for image files, from a pre-training or captioning checkpoint."""
+    directory = resolve_checkpoint(checkpoint)
+    tokenizer = tokenizer_for({"tokenizer": tokenizer_dir}, directory)
+    config = json.loads((directory / "config.json").read_text())
+    task = "pretrain" if any(name.startswith("mlm_head.") for name in _weight_names(directory)) else "caption"
+    model = TASK_MODELS[task].from_pretrained(directory).to(_device()).eval()
+    preset = "tiny" if config.get("backbone") == "tiny" else "base"
+    run = {"model": {"preset": preset}, "data": {"image": _image_settings(preset, image_size)}}
+    transforms = image_transforms(run, train=False)
+    pixels = [transforms({"image": load_image(path), "boxes": torch.zeros(0, 4)})["image"] for path in images]
+    pixel_values, pixel_mask = (t.to(_device()) for t in pad_images(pixels, size_divisibility=32))
+    with torch.no_grad():
+        ids = captioner_of(model).generate(pixel_values, pixel_mask, num_beams=num_beams)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+
+
+def _image_settings(preset: str, size: int | None) -> dict:
+    from e2evlp.train.run_config import DETR_IMAGES, TINY_IMAGES
+
+    image = dict(TINY_IMAGES if preset == "tiny" else DETR_IMAGES)
+    if size is not None:
+        image["eval"] = size
+    return image
+
+
+def _weight_names(directory: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as weights:
+        return set(weights.keys())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

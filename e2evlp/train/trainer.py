@@ -1,0 +1,371 @@
+"""The training loop: AMP, gradient accumulation, DDP/FSDP2, exact resume, non-finite and SIGTERM handling."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+from e2evlp.train import distributed as dist_utils
+from e2evlp.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_dir,
+)
+from e2evlp.train.logging import RunLogger, Window, batch_size, batch_tokens, require_tensorboard
+from e2evlp.train.optim import DECAYS, build_optimizer, warmup_schedule
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str
+    max_steps: int  # optimizer steps (a skipped non-finite step counts as one)
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    decay: str = "cosine"  # "cosine" | "linear"
+    min_lr_ratio: float = 0.0
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0  # None or 0 disables clipping (the norm is still logged)
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp16" (GradScaler) | "fp32"
+    distributed: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard); only used when WORLD_SIZE > 1
+    find_unused_parameters: bool = False  # DDP: a task model that leaves trunk parts unused (VQA: the decoder)
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # older step-* checkpoints are deleted; 0 keeps them all
+    log_every: int = 10
+    max_nonfinite_steps: int = 10  # consecutive non-finite losses before stopping with a clear error
+    seed: int = 0
+    progress: bool = True  # tqdm on rank 0
+    tensorboard: bool = False  # needs the tensorboard package
+    resume: bool = True  # continue from the latest complete checkpoint in output_dir
+
+    def __post_init__(self):
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        checks = {
+            "output_dir": (bool(str(self.output_dir)), "a non-empty path"),
+            "max_steps": (is_int(self.max_steps) and self.max_steps >= 1, "an int >= 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "backbone_lr": (self.backbone_lr >= 0, ">= 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "warmup_steps": (is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps,
+                             "an int in [0, max_steps]"),
+            "decay": (self.decay in DECAYS, f"one of {DECAYS}"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            "grad_accum_steps": (is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1, "an int >= 1"),
+            "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm >= 0, "None or >= 0"),
+            "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            "distributed": (self.distributed in dist_utils.MODES, f"one of {dist_utils.MODES}"),
+            "save_every": (is_int(self.save_every) and self.save_every >= 0, "an int >= 0"),
+            "keep_last": (is_int(self.keep_last) and self.keep_last >= 0, "an int >= 0"),
+            "log_every": (is_int(self.log_every) and self.log_every >= 1, "an int >= 1"),
+            "max_nonfinite_steps": (is_int(self.max_nonfinite_steps) and self.max_nonfinite_steps >= 1,
+                                    "an int >= 1"),
+        }
+        for name, (valid, requirement) in checks.items():
+            if not valid:
+                raise ValueError(f"TrainerConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
+        self.output_dir = str(self.output_dir)
+
+
+def _forward_keys(module: nn.Module) -> set[str] | None:
+    """The batch keys `module.forward` accepts by name; None when it takes **kwargs (then all of them)."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+class Trainer:
+    """Trains `model` (``model(**batch).loss``, optionally ``.losses`` per task) for `config.max_steps`
+    optimizer steps over `train_loader`, repeating it by epochs, under torchrun or in one process.
+
+    Optimizer and scheduler default to `build_optimizer` and `warmup_schedule` from the config (under FSDP2,
+    which replaces the parameters, they must be left to the trainer). Batches are dicts; only the keys the
+    model's forward names are passed on. Resuming reproduces an uninterrupted run exactly when each epoch's
+    order is a function of the epoch (a `set_epoch` on the dataset, sampler or batch sampler, as with
+    DistributedSampler or SizeBucketBatchSampler): a plain shuffling DataLoader gives a different order."""
+
+    def __init__(self, model: nn.Module, config: TrainerConfig, train_loader, *, optimizer=None, scheduler=None,
+                 device=None):
+        self.config = config
+        self.device = dist_utils.init_distributed(device)
+        self.is_main = dist_utils.is_main_process()
+        self.module = model.to(self.device)
+        self.model = dist_utils.wrap_model(self.module, config.distributed, self.device,
+                                           find_unused_parameters=config.find_unused_parameters)
+        self.sharded = dist_utils.is_sharded(self.model)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if optimizer is None:
+            optimizer = build_optimizer(self.module, lr=config.lr, backbone_lr=config.backbone_lr,
+                                        weight_decay=config.weight_decay)
+        model_params = {id(p) for p in self.module.parameters()}
+        if any(id(p) not in model_params for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("optimizer holds tensors that are not the model's parameters (under FSDP2, which "
+                             "replaces them, pass optimizer=None and scheduler=None)")
+        if scheduler is None:
+            scheduler = warmup_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
+                                        decay=config.decay, min_ratio=config.min_lr_ratio)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader = train_loader
+        auto = torch.bfloat16 if self.device.type == "cuda" else None
+        self.autocast_dtype = {"auto": auto, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[
+            config.precision]
+        self.scaler = None
+        if config.precision == "fp16":
+            # Sharded gradients: the overflow check must be agreed over all ranks.
+            scaler_type = ShardedGradScaler if self.sharded else torch.amp.GradScaler
+            self.scaler = scaler_type(self.device.type)
+        self.forward_keys = _forward_keys(self.module)
+        if config.tensorboard:
+            require_tensorboard()
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.skipped_nonfinite = self.consecutive_nonfinite = 0
+        self.elapsed = 0.0
+        self.recent_nonfinite: deque[float] = deque(maxlen=config.max_nonfinite_steps)
+        self._batches = None
+        self._last_lrs: dict[str, float] = {}
+        self._stop_requested = False
+
+    # Data ------------------------------------------------------------------------------------------------
+
+    def _start_epoch(self):
+        """An iterator over the current epoch's batches from `batch_in_epoch` on (the resume position)."""
+        loader = self.train_loader
+        for part in (getattr(loader, "dataset", None), getattr(loader, "sampler", None)):
+            if callable(getattr(part, "set_epoch", None)):
+                part.set_epoch(self.epoch)
+        skip = self.batch_in_epoch
+        set_epoch = getattr(getattr(loader, "batch_sampler", None), "set_epoch", None)
+        if callable(set_epoch):
+            if "start_batch" in inspect.signature(set_epoch).parameters:
+                set_epoch(self.epoch, start_batch=skip)
+                skip = 0
+            else:
+                set_epoch(self.epoch)
+        # A DataLoader draws its base seed from the global generator: shielding it keeps dropout's random
+        # stream the same whether an epoch starts here or in a resumed run.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+            for _ in range(skip):
+                next(batches, None)
+        return batches
+
+    def _next_batch(self) -> dict:
+        while True:
+            if self._batches is None:
+                self._batches = self._start_epoch()
+            batch = next(self._batches, None)
+            if batch is not None:
+                self.batch_in_epoch += 1
+                if not isinstance(batch, dict):
+                    raise TypeError(f"train_loader must yield dict batches, got {type(batch).__name__}")
+                return batch
+            if self.batch_in_epoch == 0:
+                raise ValueError(f"train_loader yielded no batches in epoch {self.epoch}")
+            self.epoch, self.batch_in_epoch, self._batches = self.epoch + 1, 0, None
+
+    # One optimizer step --------------------------------------------------------------------------------
+
+    def _train_step(self, windows: tuple[Window, ...], logger: RunLogger) -> bool:
+        """Runs `grad_accum_steps` micro-batches and one optimizer step (skipped when the loss is not
+        finite), adds it to `windows`; returns whether any rank asked to stop."""
+        accum = self.config.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        task_losses: dict[str, torch.Tensor] = {}
+        samples = tokens = 0
+        for micro in range(accum):
+            batch = self._next_batch()
+            samples += batch_size(batch)
+            tokens += batch_tokens(batch)
+            inputs = {k: v for k, v in batch.items() if self.forward_keys is None or k in self.forward_keys}
+            inputs = dist_utils.to_device(inputs, self.device)
+            with dist_utils.gradient_sync(self.model, enabled=micro == accum - 1):
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    output = self.model(**inputs)
+                loss = output.loss.float() / accum
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            loss_sum += loss.detach()
+            for name, value in (getattr(output, "losses", None) or {}).items():
+                task_losses[name] = task_losses.get(name, 0.0) + value.detach().float() / accum
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
+        stop_flag = torch.tensor(float(self._stop_requested), device=self.device)
+        # One reduction decides for every rank: a NaN on any rank makes the mean NaN, so all skip together.
+        loss, stop = dist_utils.all_reduce_mean(torch.stack([loss_sum, stop_flag])).tolist()
+        grad_norm = dist_utils.to_local(grad_norm).item()
+        # Without a scaler a finite loss can still give non-finite gradients (the scaler skips those itself).
+        finite = math.isfinite(loss) and (self.scaler is not None or math.isfinite(grad_norm))
+        lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+        if finite:
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            self.consecutive_nonfinite = 0
+            self.recent_nonfinite.clear()
+        else:
+            if self.scaler is not None:
+                self.scaler.update()  # closes the unscale_ above; the scale backs off as for an overflow
+            self.skipped_nonfinite += 1
+            self.consecutive_nonfinite += 1
+            self.recent_nonfinite.append(loss)
+            logger.record({"event": "skipped_nonfinite", "step": self.step + 1, "epoch": self.epoch,
+                           "loss": loss, "grad_norm": grad_norm})
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{self.consecutive_nonfinite} consecutive non-finite losses up to step {self.step} "
+                f"(TrainerConfig.max_nonfinite_steps={self.config.max_nonfinite_steps}); the last losses were "
+                f"{list(self.recent_nonfinite)}: lower the learning rate, check the data, or use bf16/fp32")
+        world = dist_utils.world_size()
+        for window in windows:
+            window.add(loss=loss, task_losses=task_losses, grad_norm=grad_norm, finite=finite,
+                       samples=samples * world, tokens=tokens * world)
+        logger.step(loss, next(iter(lrs.values())))
+        self._last_lrs = lrs
+        return stop > 0
+
+    # Checkpoints --------------------------------------------------------------------------------------
+
+    def _save(self) -> Path:
+        """Writes step_dir(output_dir, step) on rank 0 (every rank takes part in gathering the state)."""
+        extra = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "skipped_nonfinite": self.skipped_nonfinite, "consecutive_nonfinite": self.consecutive_nonfinite,
+                 "elapsed": self.elapsed,
+                 "rank_rng": dist_utils.all_gather_objects(dist_utils.torch_rng_state(self.device)),
+                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                 "config": asdict(self.config)}
+        model_state = optimizer_state = None
+        if self.sharded:
+            model_state = dist_utils.full_model_state_dict(self.model)
+            optimizer_state = dist_utils.full_optimizer_state_dict(self.model, self.optimizer)
+        directory = step_dir(self.config.output_dir, self.step)
+        if self.is_main:
+            save_checkpoint(directory, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
+                            step=self.step, extra=extra, model_state=model_state, optimizer_state=optimizer_state)
+            prune_checkpoints(self.config.output_dir, keep_last=self.config.keep_last)
+        dist_utils.barrier()
+        return directory
+
+    def _resume(self) -> Path | None:
+        """Loads the latest complete checkpoint in output_dir, if any, and takes up its position."""
+        path = latest_checkpoint(self.config.output_dir)
+        if path is None:
+            return None
+        loaders = {}
+        if self.sharded:
+            loaders = {"load_model_state": partial(dist_utils.load_full_model_state_dict, self.model),
+                       "load_optimizer_state": partial(dist_utils.load_full_optimizer_state_dict, self.model,
+                                                       self.optimizer)}
+        state = load_checkpoint(path, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
+                                **loaders)
+        extra = state["extra"]
+        if "batch_in_epoch" not in extra:
+            raise ValueError(f"{path} holds no data position: it was not written by Trainer (move it out of "
+                             f"output_dir, or set TrainerConfig.resume=False)")
+        self._batches = None
+        self.step, self.epoch, self.batch_in_epoch = state["step"], extra["epoch"], extra["batch_in_epoch"]
+        self.skipped_nonfinite = extra["skipped_nonfinite"]
+        self.consecutive_nonfinite = extra["consecutive_nonfinite"]
+        self.elapsed = extra["elapsed"]
+        if self.scaler is not None and extra["scaler"]:
+            self.scaler.load_state_dict(extra["scaler"])
+        rank, rank_rng = dist_utils.rank(), extra["rank_rng"]
+        if rank < len(rank_rng):
+            dist_utils.set_torch_rng_state(rank_rng[rank], self.device)
+        else:  # more ranks than the saved run: a fresh stream per rank
+            torch.manual_seed(self.config.seed + rank + self.step)
+        return path
+
+    # The run -----------------------------------------------------------------------------------------
+
+    def _request_stop(self, signum, frame) -> None:
+        # Only a flag: the step in flight finishes, then every rank saves and stops at the same step.
+        self._stop_requested = True
+
+    def _log(self, window: Window, logger: RunLogger) -> tuple[float | None, dict[str, float]]:
+        """Writes the window's record; returns its mean loss and task losses."""
+        loss, task_losses = window.averages()
+        seconds = max(time.perf_counter() - window.started, 1e-9)
+        logger.record({"step": self.step, "epoch": self.epoch, "lr": self._last_lrs, "loss": loss,
+                       "losses": task_losses, "grad_norm": window.grad_norm,
+                       "samples_per_s": window.samples / seconds, "tokens_per_s": window.tokens / seconds,
+                       "skipped_nonfinite": self.skipped_nonfinite, "elapsed": self.elapsed})
+        return loss, task_losses
+
+    def train(self) -> dict:
+        """Trains up to `config.max_steps` (resuming from output_dir unless `config.resume` is False).
+
+        Returns steps, epochs (fractional when the loader has a length), skipped_nonfinite, stopped ("done",
+        or "sigterm" after SIGTERM: a checkpoint is written at the step reached), samples_per_s and tokens_per_s
+        (this call, all ranks), loss and losses (the last log window's), seconds (this call) and checkpoint
+        (the last one written or resumed from, as a string; None if none)."""
+        config = self.config
+        started = time.perf_counter()
+        checkpoint = self._resume() if config.resume else None
+        if checkpoint is None:
+            seed = config.seed + dist_utils.rank()
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        elapsed_before = self.elapsed
+        logger = RunLogger(config.output_dir, enabled=self.is_main, total_steps=config.max_steps,
+                           initial_step=self.step, progress=config.progress, tensorboard=config.tensorboard)
+        # Signal handlers can only be installed from the main thread; elsewhere SIGTERM keeps its meaning.
+        handles_sigterm = threading.current_thread() is threading.main_thread()
+        if handles_sigterm:
+            previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        stopped, loss, task_losses = "done", None, {}
+        window, totals = Window(), Window()
+        try:
+            while self.step < config.max_steps:
+                stop_requested = self._train_step((window, totals), logger)
+                self.elapsed = elapsed_before + time.perf_counter() - started
+                done = self.step == config.max_steps
+                if stop_requested and not done:
+                    stopped = "sigterm"
+                if self.step % config.log_every == 0 or done or stopped == "sigterm":
+                    loss, task_losses = self._log(window, logger)
+                    window = Window()
+                if done or stopped == "sigterm" or (config.save_every and self.step % config.save_every == 0):
+                    checkpoint = self._save()
+                if stopped == "sigterm":
+                    break
+        finally:
+            if handles_sigterm:
+                # None: a handler installed outside Python, which cannot be put back; the default is closest.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
+            self._stop_requested = False
+            logger.close()
+        seconds = time.perf_counter() - started
+        batches_per_epoch = len(self.train_loader) if hasattr(self.train_loader, "__len__") else 0
+        epochs = self.epoch + self.batch_in_epoch / batches_per_epoch if batches_per_epoch else self.epoch
+        return {"steps": self.step, "epochs": epochs, "skipped_nonfinite": self.skipped_nonfinite,
+                "stopped": stopped, "samples_per_s": totals.samples / seconds, "tokens_per_s": totals.tokens / seconds,
+                "loss": loss, "losses": task_losses, "seconds": seconds,
+                "checkpoint": None if checkpoint is None else str(checkpoint)}
