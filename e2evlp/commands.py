@@ -16,11 +16,8 @@ def _print_json(payload: dict) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from e2evlp.demo import DemoConfig, results_table, run_demo
 
-    demo = DemoConfig()
-    if args.steps is not None:
-        demo.steps = args.steps
-    if args.vqa_steps is not None:
-        demo.vqa_steps = args.vqa_steps
+    chosen = {name: getattr(args, name) for name in ("steps", "vqa_steps", "num_train", "num_val")}
+    demo = DemoConfig(**{name: value for name, value in chosen.items() if value is not None})
     results = run_demo(args.out, demo=demo, draw=not args.no_picture)
     print(results_table(results))
     print(f"\n{results['vqa_method']}; {results['seconds']} s on {results['device']}.")
@@ -78,6 +75,8 @@ def add_commands(commands) -> None:
     demo.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
     demo.add_argument("--steps", type=int, default=None, help="pre-training steps (default 2000)")
     demo.add_argument("--vqa-steps", type=int, default=None, help="VQA fine-tuning steps (default 300)")
+    demo.add_argument("--num-train", type=int, default=None, help="synthetic training images (default 400)")
+    demo.add_argument("--num-val", type=int, default=None, help="synthetic held-out images (default 60)")
     demo.add_argument("--no-picture", action="store_true", help="skip demo.png")
     demo.set_defaults(func=cmd_demo)
 

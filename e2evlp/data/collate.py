@@ -144,11 +144,14 @@ class PretrainingCollator:
         caption_ids, caption_mask = tokenize(self.tokenizer, texts, self.max_caption_length)
         pixel_values, pixel_mask = pad_images([sample["image"] for sample in samples],
                                               size_divisibility=self.size_divisibility)
-        targets = [{"labels": sample["labels"].long(), "boxes": sample["boxes"].float(),
-                    "attributes": sample["attributes"].long()} for sample in samples]
-        return dict(pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids,
-                    attention_mask=attention_mask, mlm_labels=mlm_labels, itm_labels=itm_labels, targets=targets,
-                    caption_ids=caption_ids, caption_mask=caption_mask)
+        batch = dict(pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids,
+                     attention_mask=attention_mask, mlm_labels=mlm_labels, itm_labels=itm_labels,
+                     caption_ids=caption_ids, caption_mask=caption_mask)
+        # Image-text pairs without boxes (retrieval fine-tuning on captions only) train the other tasks.
+        if all("labels" in sample for sample in samples):
+            batch["targets"] = [{"labels": sample["labels"].long(), "boxes": sample["boxes"].float(),
+                                 "attributes": sample["attributes"].long()} for sample in samples]
+        return batch
 
 
 class SizeBucketBatchSampler(BatchSampler):

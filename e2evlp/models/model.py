@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -79,10 +80,10 @@ class Decoder(nn.Module):
         return states
 
 
-def init_bert_weights(module: nn.Module) -> None:
-    """BERT's initialization: normal(0, 0.02) weights, zero biases."""
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialization: normal(0, std) weights (BERT's initializer_range, 0.02), zero biases."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        module.weight.data.normal_(0.0, 0.02)
+        module.weight.data.normal_(0.0, std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
 
@@ -113,7 +114,7 @@ class E2EVLPModel(PretrainedModule):
         self.detection = DetectionHeads(config.hidden_size, config.num_classes, config.num_attributes)
         for name, child in self.named_children():
             if name != "backbone":  # the backbone keeps torchvision's initialization
-                child.apply(init_bert_weights)
+                child.apply(partial(init_bert_weights, std=config.initializer_range))
 
     def load_bert(self, path) -> list[str]:
         """Loads a local Hugging Face BERT checkpoint (directory or file) into the embeddings and encoder;

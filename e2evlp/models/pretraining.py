@@ -71,7 +71,7 @@ class E2EVLPForPretraining(PretrainedModule):
         self.mlm_head = LMHead(config.hidden_size, words, config.layer_norm_eps)
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.caption_head = LMHead(config.hidden_size, words, config.layer_norm_eps)
-        init_bert_weights(self.itm_head)
+        init_bert_weights(self.itm_head, config.initializer_range)
         self.criterion = detection_criterion(config)
 
     def forward(self, pixel_values=None, pixel_mask=None, input_ids=None, attention_mask=None, mlm_labels=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,11 @@ class ClassifierOutput:
     loss: torch.Tensor | None = None
 
 
-def classifier(in_dim: int, hidden_dim: int, out_dim: int, eps: float) -> nn.Sequential:
+def classifier(in_dim: int, hidden_dim: int, out_dim: int, eps: float, std: float = 0.02) -> nn.Sequential:
     """The two-layer answer/label head of LXMERT and UNITER (Linear, GELU, LayerNorm, Linear)."""
     head = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.LayerNorm(hidden_dim, eps=eps),
                          nn.Linear(hidden_dim, out_dim))
-    head.apply(init_bert_weights)
+    head.apply(partial(init_bert_weights, std=std))
     return head
 
 
@@ -39,7 +40,7 @@ class E2EVLPForVQA(PretrainedModule):
         self.config = config
         self.model = E2EVLPModel(config)
         self.vqa_head = classifier(config.hidden_size, 2 * config.hidden_size, config.num_answers,
-                                   config.layer_norm_eps)
+                                   config.layer_norm_eps, config.initializer_range)
 
     def forward(self, pixel_values, pixel_mask, input_ids, attention_mask=None, labels=None) -> ClassifierOutput:
         encoded = self.model.encode(input_ids, attention_mask, pixel_values, pixel_mask)
@@ -60,7 +61,8 @@ class E2EVLPForNLVR2(PretrainedModule):
         super().__init__()
         self.config = config
         self.model = E2EVLPModel(config)
-        self.nlvr2_head = classifier(2 * config.hidden_size, 2 * config.hidden_size, 2, config.layer_norm_eps)
+        self.nlvr2_head = classifier(2 * config.hidden_size, 2 * config.hidden_size, 2, config.layer_norm_eps,
+                                     config.initializer_range)
 
     def forward(self, pixel_values, pixel_mask, input_ids, attention_mask=None, labels=None) -> ClassifierOutput:
         if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
@@ -86,7 +88,7 @@ class E2EVLPForRetrieval(PretrainedModule):
         self.config = config
         self.model = E2EVLPModel(config)
         self.itm_head = nn.Linear(config.hidden_size, 2)
-        init_bert_weights(self.itm_head)
+        init_bert_weights(self.itm_head, config.initializer_range)
 
     def forward(self, pixel_values, pixel_mask, input_ids, attention_mask=None, labels=None) -> ClassifierOutput:
         """Scores aligned (image, text) pairs: logits [B, 2]; labels 1 = the text describes the image."""

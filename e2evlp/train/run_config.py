@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,6 +19,21 @@ TINY_IMAGES = {"train_min": 64, "train_max": 96, "train_step": 16, "max_longer":
 DETR_IMAGES = {"train_min": 480, "train_max": 800, "train_step": 32, "max_longer": 1333, "eval": 800}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` as a string (it wants ``3.0e-4``); this loader reads it as the float users mean."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d+\.\d*|\.\d+)$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 class RunConfigError(ValueError):
     """A run config names an unknown section or key, or holds a value of the wrong kind."""
 
@@ -28,7 +44,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise RunConfigError(f"override {text!r} is not of the form section.key=value")
-    return key.split("."), yaml.safe_load(value) if value else ""
+    return key.split("."), read_yaml(value) if value else ""
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
@@ -85,5 +101,5 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"run config {path} does not exist")
-        config = yaml.safe_load(path.read_text()) or {}
+        config = read_yaml(path.read_text()) or {}
     return validate(apply_overrides(config, list(overrides)))

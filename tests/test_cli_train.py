@@ -1,0 +1,143 @@
+"""The training commands end to end on a very short synthetic run: pretrain → evaluate → finetune → caption, demo."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2evlp import cli
+from e2evlp.data.synthetic import write_synthetic_dataset
+from e2evlp.train.run_config import RunConfigError, apply_overrides, load_run_config, parse_override
+
+TINY = {"num_classes": 3, "num_attributes": 4, "hidden_dropout_prob": 0.0, "attention_dropout_prob": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def sdpa_attention(monkeypatch):
+    # The Triton interpreter is exact but slow; these tests exercise the plumbing, not the kernel.
+    monkeypatch.setenv("E2EVLP_ATTENTION", "sdpa")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic_dataset(root, num_train=8, num_val=4, image_size=(64, 64), seed=1)
+
+
+def _coco(paths, split):
+    p = paths[split]
+    return {"images": p["images"], "captions": p["captions"], "instances": p["instances"]}
+
+
+def _vqa(paths, split):
+    p = paths[split]
+    return {"images": p["images"], "image_index": p["captions"], "questions": p["vqa_questions"],
+            "annotations": p["vqa_annotations"]}
+
+
+def _write_config(path: Path, summary: dict, data: dict, output_dir: Path, **model) -> Path:
+    config = {"model": {"preset": "tiny", "config": TINY, **model}, "tokenizer": summary["paths"]["tokenizer"],
+              "data": {"batch_size": 4, "eval_batch_size": 8, "num_workers": 0, **data},
+              "train": {"output_dir": str(output_dir), "max_steps": 2, "lr": 1e-3, "progress": False,
+                        "log_every": 1}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _json_out(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_pretrain_evaluate_finetune_caption(synthetic, tmp_path, capsys):
+    paths = synthetic["paths"]
+    pretrain_config = _write_config(tmp_path / "pretrain.yaml", synthetic,
+                                    {"train": [_coco(paths, "train")], "val": [_coco(paths, "val")]},
+                                    tmp_path / "pretrain")
+    assert cli.main(["pretrain", "--config", str(pretrain_config), "train.max_steps=3", "data.batch_size=2"]) == 0
+    summary = _json_out(capsys)
+    assert summary["steps"] == 3 and summary["stopped"] == "done"
+    assert set(summary["eval"]) >= {"itm_acc", "det_ap50", "caption_bleu4", "caption_cider"}
+    final = Path(summary["final"])
+    assert {"model.safetensors", "config.json", "run_config.yaml"} <= {p.name for p in final.iterdir()}
+    log = [json.loads(line) for line in (tmp_path / "pretrain" / "log.jsonl").read_text().splitlines()]
+    assert any("samples_per_s" in record for record in log) and "eval" in log[-1]
+
+    assert cli.main(["evaluate", "detection", "--config", str(pretrain_config), "--checkpoint", str(final)]) == 0
+    assert set(_json_out(capsys)) == {"det_ap", "det_ap50"}
+
+    vqa_config = _write_config(tmp_path / "vqa.yaml", synthetic,
+                               {"train": [_vqa(paths, "train")], "val": [_vqa(paths, "val")], "answers": 12},
+                               tmp_path / "vqa", init=str(tmp_path / "pretrain"))
+    assert cli.main(["finetune", "vqa", "--config", str(vqa_config)]) == 0
+    vqa_summary = _json_out(capsys)
+    assert 0.0 <= vqa_summary["eval"]["vqa_acc"] <= 1.0
+    vqa_final = Path(vqa_summary["final"])
+    assert len(json.loads((vqa_final / "answer_vocab.json").read_text())) <= 12
+    assert cli.main(["evaluate", "vqa", "--config", str(vqa_config), "--checkpoint", str(vqa_final)]) == 0
+    assert _json_out(capsys)["vqa_acc"] == pytest.approx(vqa_summary["eval"]["vqa_acc"])
+
+    images = sorted(Path(paths["val"]["images"]).glob("*.png"))[:2]
+    assert cli.main(["caption", *map(str, images), "--checkpoint", str(final), "--num-beams", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
+
+
+def test_finetune_nlvr2_and_retrieval(synthetic, tmp_path, capsys):
+    paths = synthetic["paths"]
+    nlvr2 = {"train": [{"images": paths["train"]["nlvr2_images"], "file": paths["train"]["nlvr2"]}],
+             "val": [{"images": paths["val"]["nlvr2_images"], "file": paths["val"]["nlvr2"]}]}
+    config = _write_config(tmp_path / "nlvr2.yaml", synthetic, nlvr2, tmp_path / "nlvr2")
+    assert cli.main(["finetune", "nlvr2", "--config", str(config), "data.batch_size=2"]) == 0
+    assert 0.0 <= _json_out(capsys)["eval"]["nlvr2_acc"] <= 1.0
+
+    karpathy = {"karpathy": paths["karpathy"], "images": synthetic["root"], "val_split": "test"}
+    config = _write_config(tmp_path / "retrieval.yaml", synthetic, karpathy, tmp_path / "retrieval")
+    assert cli.main(["finetune", "retrieval", "--config", str(config)]) == 0
+    recalls = _json_out(capsys)["eval"]
+    assert set(recalls) == {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"}
+    config = _write_config(tmp_path / "caption.yaml", synthetic, karpathy, tmp_path / "caption")
+    assert cli.main(["finetune", "caption", "--config", str(config)]) == 0
+    assert "caption_cider" in _json_out(capsys)["eval"]
+
+
+def test_demo_writes_results_and_picture(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--steps", "2", "--vqa-steps", "1", "--num-train", "16",
+                     "--num-val", "4"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    metrics = {"vqa_acc", "itm_acc", "det_ap50", "caption_bleu4", "caption_cider"}
+    assert set(results["before"]) == set(results["after"]) == metrics
+    assert 0 < results["baseline"]["vqa_majority_acc"] <= 1 and results["seconds"] > 0 and results["device"]
+    assert (out / "demo.png").stat().st_size > 0
+    assert "| itm_acc |" in capsys.readouterr().out
+
+
+def test_overrides_keep_yaml_types_and_reject_unknown_keys(tmp_path):
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("data.train=[1, 2]") == (["data", "train"], [1, 2])
+    assert apply_overrides({"train": {"lr": 1}}, ["train.seed=5", "model.config.hidden_size=32"]) == {
+        "train": {"lr": 1, "seed": 5}, "model": {"config": {"hidden_size": 32}}}
+    with pytest.raises(RunConfigError, match="section.key=value"):
+        parse_override("lr")
+    with pytest.raises(RunConfigError, match=r"unknown key\(s\) \['lrate'\] in section 'train'"):
+        load_run_config(None, ["train.lrate=1"])
+    with pytest.raises(RunConfigError, match="model.preset"):
+        load_run_config(None, ["model.preset=huge"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_validate():
+    configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"pretrain_tiny", "pretrain_small", "pretrain_base", "finetune_vqa",
+                                        "finetune_nlvr2", "finetune_caption", "finetune_retrieval"}
+    for path in configs:
+        config = load_run_config(path)
+        assert config["train"]["output_dir"] and config["train"]["max_steps"] > 0
+
+
+def test_train_without_output_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="train.output_dir and train.max_steps"):
+        cli.main(["pretrain", "--config", str(_write_config(tmp_path / "c.yaml", {"paths": {"tokenizer": "x"}},
+                                                             {}, tmp_path)), "train.output_dir="])
