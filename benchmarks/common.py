@@ -6,7 +6,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -15,21 +14,9 @@ from pathlib import Path
 
 import torch
 
+from e2evlp.devices import device_name  # noqa: F401  (re-exported for the scripts)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def device_name(device: torch.device | str) -> str:
-    """The GPU name as torch reports it, or the CPU model."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def environment() -> dict:

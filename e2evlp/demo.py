@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from e2evlp.data.synthetic import write_synthetic_dataset
+from e2evlp.devices import device_name
 from e2evlp.eval.metrics import vqa_accuracy
 from e2evlp.io import atomic_write
 from e2evlp.models import E2EVLPForVQA
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, demo: DemoConfig | None = N
         "steps": {"pretrain": pretrain_summary["steps"], "vqa": vqa_summary["steps"]},
         "throughput": {"pretrain_samples_per_s": pretrain_summary.get("samples_per_s")},
         "seconds": round(time.time() - start, 1),
-        "device": _device_name(),
+        "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
         "data": summary["counts"],
     }
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
@@ -140,12 +140,6 @@ def run_demo(out_dir: str | Path = "demo-output", *, demo: DemoConfig | None = N
         results["picture"] = str(draw_predictions(pretrained, configs["pretrain"], tokenizer, summary,
                                                   out / "demo.png"))
     return results
-
-
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def results_table(results: dict) -> str:

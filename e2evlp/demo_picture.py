@@ -28,7 +28,8 @@ def draw_predictions(model, config: dict, tokenizer, summary: dict, path: str | 
     records = captions[:num_images]
     transforms = image_transforms(config, train=False)
     images = [transforms({"image": load_image(r.image_path), "boxes": torch.zeros(0, 4)})["image"] for r in records]
-    pixel_values, pixel_mask = (t.to(device) for t in pad_images(images, size_divisibility=32))
+    padded = pad_images(images, size_divisibility=model.config.backbone_stride)
+    pixel_values, pixel_mask = (t.to(device) for t in padded)
     # Detection reads the image with its first reference caption, as in evaluation.
     encoded = tokenizer([r.captions[0] for r in records], padding="longest", return_tensors="pt").to(device)
     joint = model.model.encode(encoded["input_ids"], encoded["attention_mask"], pixel_values, pixel_mask)

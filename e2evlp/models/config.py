@@ -65,6 +65,11 @@ class E2EVLPConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
+    @property
+    def backbone_stride(self) -> int:
+        """Pixels per visual token side: batches padded to a multiple of it waste no partial tokens."""
+        return 16 if self.backbone == "tiny" else 32
+
     @classmethod
     def tiny(cls, **overrides) -> E2EVLPConfig:
         """A few hundred thousand parameters: tests and the demo, trains on 2 CPU cores in minutes.

@@ -120,7 +120,8 @@ def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenize
     run = {"model": {"preset": preset}, "data": {"image": _image_settings(preset, image_size)}}
     transforms = image_transforms(run, train=False)
     pixels = [transforms({"image": load_image(path), "boxes": torch.zeros(0, 4)})["image"] for path in images]
-    pixel_values, pixel_mask = (t.to(_device()) for t in pad_images(pixels, size_divisibility=32))
+    padded = pad_images(pixels, size_divisibility=model.config.backbone_stride)
+    pixel_values, pixel_mask = (t.to(_device()) for t in padded)
     with torch.no_grad():
         ids = captioner_of(model).generate(pixel_values, pixel_mask, num_beams=num_beams)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]

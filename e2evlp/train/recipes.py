@@ -162,18 +162,20 @@ class RenameKeys:
 def build_collator(task: str, model_config: E2EVLPConfig, tokenizer, *, train: bool, seed: int = 0):
     """`task`'s collator; evaluation batches of the pre-training task keep their text unmasked."""
     text, caption = model_config.max_text_length, model_config.max_caption_length
+    stride = model_config.backbone_stride
     if task in ("pretrain", "detection"):
         return PretrainingCollator(tokenizer, max_text_length=text, max_caption_length=caption, seed=seed,
-                                   mlm_probability=0.15 if train else 0.0)
+                                   mlm_probability=0.15 if train else 0.0, size_divisibility=stride)
     if task == "vqa":
-        return VQACollator(tokenizer, max_text_length=text)
+        return VQACollator(tokenizer, max_text_length=text, size_divisibility=stride)
     if task == "nlvr2":
-        return NLVR2Collator(tokenizer, max_text_length=text)
+        return NLVR2Collator(tokenizer, max_text_length=text, size_divisibility=stride)
     if task == "caption" or (task == "retrieval" and not train):
-        return CaptionCollator(tokenizer, max_caption_length=caption)
+        return CaptionCollator(tokenizer, max_caption_length=caption, size_divisibility=stride)
     if task == "retrieval":
         return RenameKeys(PretrainingCollator(tokenizer, max_text_length=text, max_caption_length=caption,
-                                              seed=seed, mlm_probability=0.0), {"itm_labels": "labels"})
+                                              seed=seed, mlm_probability=0.0, size_divisibility=stride),
+                          {"itm_labels": "labels"})
     raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
 
 
@@ -227,13 +229,12 @@ def evaluate_task(task: str, model: nn.Module, config: dict, split: str, tokeniz
     dataset = build_dataset(task, config, split, train=False, per_caption=False)
     if task == "caption":
         return _caption_metrics(model, dataset, config, tokenizer, beams)
-    loader = eval_loader(dataset, CaptionCollator(tokenizer, max_caption_length=model_config.max_caption_length),
-                         config)
+    loader = eval_loader(dataset, build_collator("caption", model_config, tokenizer, train=False), config)
     return evaluate_retrieval(model, loader, tokenizer)
 
 
 def _caption_metrics(model: nn.Module, per_image: CaptionDataset, config: dict, tokenizer, num_beams: int) -> dict:
-    collator = CaptionCollator(tokenizer, max_caption_length=model.config.max_caption_length)
+    collator = build_collator("caption", model.config, tokenizer, train=False)
     hypotheses, references = generate_captions(captioner_of(model), eval_loader(per_image, collator, config),
                                                tokenizer, num_beams=num_beams)
     return {f"caption_{key}": value for key, value in caption_scores(hypotheses, references).items()}
