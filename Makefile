@@ -14,11 +14,11 @@ install:
 test: install
 	$(PYTHON) -m pytest -q
 
+# The main job on its embedded default: synthetic data, pre-train the tiny model, evaluate, write
+# demo-output/results.json and demo-output/demo.png.
 demo: install
 	$(PYTHON) -m e2evlp info
-	$(PYTHON) -m benchmarks.bench_lsap --device all --quick
-	$(PYTHON) -m benchmarks.bench_matcher --device all --quick
-	$(PYTHON) -m benchmarks.bench_attention --device cpu --quick
+	$(PYTHON) -m e2evlp demo --out demo-output
 
 # Every benchmark on the CPU, then on the GPU when one is visible; records, tables and plots land in
 # benchmarks/results/ (or $E2EVLP_RESULTS_DIR), one file per device and date. Peers that are not installed

@@ -73,7 +73,7 @@ def add_commands(commands) -> None:
     """Registers the subcommands on the `e2evlp` parser's subparsers."""
     demo = commands.add_parser("demo", help="synthetic data → pre-train the tiny model → evaluate (the default job)")
     demo.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
-    demo.add_argument("--steps", type=int, default=None, help="pre-training steps (default 2000)")
+    demo.add_argument("--steps", type=int, default=None, help="pre-training steps (default 2200)")
     demo.add_argument("--vqa-steps", type=int, default=None, help="VQA fine-tuning steps (default 300)")
     demo.add_argument("--num-train", type=int, default=None, help="synthetic training images (default 400)")
     demo.add_argument("--num-val", type=int, default=None, help="synthetic held-out images (default 60)")

@@ -16,6 +16,7 @@ from e2evlp.train.recipes import captioner_of, coco_records, image_transforms
 SCALE = 3
 CAPTION_HEIGHT = 40
 BOX_COLOUR = (20, 20, 20)
+GAP = 12
 
 
 @torch.no_grad()
@@ -40,9 +41,9 @@ def draw_predictions(model, config: dict, tokenizer, summary: dict, path: str | 
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated.tolist()]
     tiles = [_tile(r, f, a, t, summary, min_score) for r, f, a, t in zip(records, found, attributes, texts)]
     width, height = tiles[0].size
-    sheet = Image.new("RGB", (width * len(tiles), height), "white")
+    sheet = Image.new("RGB", (width * len(tiles) + GAP * (len(tiles) + 1), height + 2 * GAP), "white")
     for i, tile in enumerate(tiles):
-        sheet.paste(tile, (i * width, 0))
+        sheet.paste(tile, (GAP + i * (width + GAP), GAP))
     path = Path(path)
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
     return path

@@ -64,6 +64,20 @@ class SeededDataset(Dataset):
         self.seed, self.epoch = seed, 0
         self._sizes: list[tuple[int, int]] | None = None
         self._header_sizes: dict[Path, tuple[int, int]] = {}
+        self._image_cache: dict[Path, object] | None = None
+
+    def cache_images(self) -> None:
+        """Keeps every decoded image in memory after its first read: for small sets (the demo's) read with
+        ``num_workers=0``, where decoding would otherwise repeat every epoch. Transforms never modify the
+        cached image in place (they return new ones)."""
+        self._image_cache = {}
+
+    def load(self, path: Path):
+        if self._image_cache is None:
+            return load_image(path)
+        if path not in self._image_cache:
+            self._image_cache[path] = load_image(path)
+        return self._image_cache[path]
 
     def set_epoch(self, epoch: int) -> None:
         """Draws the next items' randomness for ``epoch``."""
@@ -152,7 +166,7 @@ class PretrainingDataset(SeededDataset):
         detection = self.detections.get(record.image_id)
         boxes, labels, attributes = ([], [], []) if detection is None else \
             (detection.boxes, detection.labels, detection.attributes)
-        sample = {"image": load_image(record.image_path), "text": record.captions[caption_index],
+        sample = {"image": self.load(record.image_path), "text": record.captions[caption_index],
                   "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),  # [T, 4] cxcywh
                   "labels": torch.tensor(labels, dtype=torch.long),  # [T]
                   "attributes": torch.tensor(attributes, dtype=torch.long),  # [T]
@@ -192,7 +206,7 @@ class VQADataset(SeededDataset):
         target = torch.zeros(self.num_answers)  # [num_answers]
         for answer_index, score in (record.target or {}).items():
             target[answer_index] = score
-        sample = {"image": load_image(record.image_path), "text": record.question, "boxes": _empty_boxes(),
+        sample = {"image": self.load(record.image_path), "text": record.question, "boxes": _empty_boxes(),
                   "target": target, "question_id": record.question_id,
                   "answers": None if record.answers is None else list(record.answers)}
         return self._finish(sample, index)
@@ -252,7 +266,7 @@ class NLVR2Dataset(SeededDataset):
         image_seed = int(torch.randint(2**62, (), generator=generator))
         images, text = [], record.sentence
         for path in (record.left_path, record.right_path):
-            sample = {"image": load_image(path), "boxes": _empty_boxes()}
+            sample = {"image": self.load(path), "boxes": _empty_boxes()}
             image = self._transformed(sample, self.image_transforms, torch.Generator().manual_seed(image_seed))["image"]
             images.append(image.flip(-1) if flip else image)  # [3, H, W]
         if flip:
@@ -288,6 +302,6 @@ class CaptionDataset(SeededDataset):
         record_index, caption_index = self.pairs[index]
         record = self.records[record_index]
         text = record.captions[caption_index] if record.captions else ""
-        sample = {"image": load_image(record.image_path), "text": text, "references": list(record.captions),
+        sample = {"image": self.load(record.image_path), "text": text, "references": list(record.captions),
                   "image_id": record.image_id, "boxes": _empty_boxes()}
         return self._finish(sample, index)

@@ -97,7 +97,9 @@ class TinyCNN(nn.Module):
 
     def __init__(self, out_channels: int = 64):
         super().__init__()
-        widths = [max(8, out_channels >> (3 - i)) for i in range(4)]  # e.g. 8, 16, 32, 64
+        # e.g. 16, 32, 64, 64. With 8, 16, 32 early channels the demo's detector and captioner kept confusing the
+        # shapes for over twice as many steps (measured together with the demo's other settings).
+        widths = [max(16, out_channels // 4), max(16, out_channels // 2), out_channels, out_channels]
         stages, in_channels = [], 3
         for width in widths:
             conv = nn.Conv2d(in_channels, width, kernel_size=3, stride=2, padding=1)

@@ -123,7 +123,16 @@ def coco_records(data: dict, split: str) -> tuple[list, list]:
 
 def build_dataset(task: str, config: dict, split: str, *, train: bool, answers: list[str] | None = None,
                   per_caption: bool = True, seed: int = 0):
-    """The data set of `task` for `split` ("train", "val" or "test") from the config's data section."""
+    """The data set of `task` for `split` ("train", "val" or "test") from the config's data section;
+    ``data.cache_images`` keeps its decoded images in memory (small sets read with num_workers=0)."""
+    dataset = _dataset(task, config, split, train=train, answers=answers, per_caption=per_caption, seed=seed)
+    if config["data"].get("cache_images"):
+        dataset.cache_images()
+    return dataset
+
+
+def _dataset(task: str, config: dict, split: str, *, train: bool, answers: list[str] | None, per_caption: bool,
+             seed: int):
     data, skip_bad = config["data"], bool(config["data"].get("skip_bad", False))
     transforms = image_transforms(config, train)
     if task in ("pretrain", "detection"):

@@ -14,7 +14,8 @@ MODEL_KEYS = ("preset", "init", "bert", "config")
 PRESETS = ("tiny", "small", "base")
 IMAGE_KEYS = ("train_min", "train_max", "train_step", "max_longer", "eval")
 DATA_KEYS = ("train", "val", "test", "karpathy", "images", "train_split", "val_split", "merge_restval", "answers",
-             "image", "batch_size", "eval_batch_size", "num_workers", "max_text_length", "skip_bad")
+             "image", "batch_size", "eval_batch_size", "num_workers", "skip_bad",
+             "cache_images")
 TINY_IMAGES = {"train_min": 64, "train_max": 96, "train_step": 16, "max_longer": 128, "eval": 80}
 DETR_IMAGES = {"train_min": 480, "train_max": 800, "train_step": 32, "max_longer": 1333, "eval": 800}
 
