@@ -134,7 +134,25 @@ def _caption_pairs(records: Sequence[CaptionRecord | KarpathyRecord]) -> list[tu
     return [(r, c) for r, record in enumerate(records) for c in range(len(record.captions))]
 
 
-class PretrainingDataset(SeededDataset):
+class _CaptionPairs(SeededDataset):
+    """Items are (record, caption) pairs: ``self.pairs`` holds (record index, caption index)."""
+
+    records: list
+    pairs: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _item_size(self, index: int) -> tuple[int, int]:
+        return self._record_size(self.records[self.pairs[index][0]])
+
+    def _pair(self, index: int):
+        """(record, caption index) of item `index` (already checked)."""
+        record_index, caption_index = self.pairs[index]
+        return self.records[record_index], caption_index
+
+
+class PretrainingDataset(_CaptionPairs):
     """One item per (image, caption) pair, with the image's boxes joined from ``detections`` by image_id (an
     image without detection annotations gets no boxes). Items are PretrainingCollator's samples:
     {"image" [3, H, W], "text", "boxes" [T, 4] cxcywh, "labels" [T], "attributes" [T] (-1 none), "image_id",
@@ -153,16 +171,9 @@ class PretrainingDataset(SeededDataset):
         if not self.pairs:
             raise ValueError(f"captions: none of the {len(self.records)} records has a caption")
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def _item_size(self, index: int) -> tuple[int, int]:
-        return self._record_size(self.records[self.pairs[index][0]])
-
     def __getitem__(self, index: int) -> dict:
         index = self._check_index(index)
-        record_index, caption_index = self.pairs[index]
-        record = self.records[record_index]
+        record, caption_index = self._pair(index)
         detection = self.detections.get(record.image_id)
         boxes, labels, attributes = ([], [], []) if detection is None else \
             (detection.boxes, detection.labels, detection.attributes)
@@ -276,7 +287,7 @@ class NLVR2Dataset(SeededDataset):
         return {"images": tuple(images), "text": text, "label": label, "identifier": record.identifier, "seed": seed}
 
 
-class CaptionDataset(SeededDataset):
+class CaptionDataset(_CaptionPairs):
     """Images with their captions, for caption fine-tuning and for caption and retrieval evaluation.
 
     ``per_caption=True``: one item per caption (training). ``per_caption=False``: one item per image, its
@@ -291,16 +302,9 @@ class CaptionDataset(SeededDataset):
         self.records, self.per_caption = list(records), per_caption
         self.pairs = _caption_pairs(self.records) if per_caption else [(r, 0) for r in range(len(self.records))]
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def _item_size(self, index: int) -> tuple[int, int]:
-        return self._record_size(self.records[self.pairs[index][0]])
-
     def __getitem__(self, index: int) -> dict:
         index = self._check_index(index)
-        record_index, caption_index = self.pairs[index]
-        record = self.records[record_index]
+        record, caption_index = self._pair(index)
         text = record.captions[caption_index] if record.captions else ""
         sample = {"image": self.load(record.image_path), "text": text, "references": list(record.captions),
                   "image_id": record.image_id, "boxes": _empty_boxes()}

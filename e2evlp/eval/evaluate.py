@@ -11,17 +11,7 @@ from e2evlp.eval.caption_metrics import bleu, cider
 from e2evlp.eval.detection_metrics import detection_ap
 from e2evlp.eval.metrics import classification_accuracy, recall_at_k, vqa_accuracy
 from e2evlp.ops.boxes import box_cxcywh_to_xyxy
-
-
-def to_device(batch, device: torch.device | str):
-    """Moves every tensor in a (nested) batch to `device`; other values pass through."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(value, device) for value in batch)
-    return batch
+from e2evlp.train.distributed import to_device
 
 
 def _device_of(model: nn.Module) -> torch.device:
