@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 FINETUNE_TASKS = ("vqa", "nlvr2", "caption", "retrieval")
 EVALUATE_TASKS = ("pretrain", "vqa", "nlvr2", "caption", "retrieval", "detection")
@@ -31,18 +32,21 @@ def _load_config(args: argparse.Namespace) -> dict:
     return load_run_config(args.config, args.overrides)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def _train(task: str, args: argparse.Namespace) -> int:
     from e2evlp.train.launch import train
 
-    _print_json(train("pretrain", _load_config(args)))
+    summary = train(task, _load_config(args))
+    if int(os.environ.get("RANK", "0")) == 0:  # the other ranks of a torchrun job stay quiet
+        _print_json(summary)
     return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    return _train("pretrain", args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from e2evlp.train.launch import train
-
-    _print_json(train(args.task, _load_config(args)))
-    return 0
+    return _train(args.task, args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

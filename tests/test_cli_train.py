@@ -69,13 +69,17 @@ def test_pretrain_evaluate_finetune_caption(synthetic, tmp_path, capsys):
     vqa_config = _write_config(tmp_path / "vqa.yaml", synthetic,
                                {"train": [_vqa(paths, "train")], "val": [_vqa(paths, "val")], "answers": 12},
                                tmp_path / "vqa", init=str(tmp_path / "pretrain"))
-    assert cli.main(["finetune", "vqa", "--config", str(vqa_config)]) == 0
+    # No tokenizer in the config: the one exported with model.init (the pre-training run's final/) is used.
+    assert cli.main(["finetune", "vqa", "--config", str(vqa_config), "tokenizer=null"]) == 0
     vqa_summary = _json_out(capsys)
     assert 0.0 <= vqa_summary["eval"]["vqa_acc"] <= 1.0
     vqa_final = Path(vqa_summary["final"])
     assert len(json.loads((vqa_final / "answer_vocab.json").read_text())) <= 12
-    assert cli.main(["evaluate", "vqa", "--config", str(vqa_config), "--checkpoint", str(vqa_final)]) == 0
+    # A run folder resolves to its final/ export, which holds the tokenizer and the answer list.
+    assert cli.main(["evaluate", "vqa", "--config", str(vqa_config), "--checkpoint", str(tmp_path / "vqa")]) == 0
     assert _json_out(capsys)["vqa_acc"] == pytest.approx(vqa_summary["eval"]["vqa_acc"])
+    with pytest.raises(ValueError, match="no trained nlvr2 head"):
+        cli.main(["evaluate", "nlvr2", "--config", str(vqa_config), "--checkpoint", str(vqa_final)])
 
     images = sorted(Path(paths["val"]["images"]).glob("*.png"))[:2]
     assert cli.main(["caption", *map(str, images), "--checkpoint", str(final), "--num-beams", "2"]) == 0

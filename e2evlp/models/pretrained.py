@@ -49,7 +49,9 @@ class PretrainedModule(nn.Module):
         """Builds the model from `directory`'s config and loads its weights. A task model loads from a
         pre-training checkpoint: weights the task does not use are skipped; missing ones are an error,
         except the task's own new heads, which keep their initialization (listed in `.new_weights`)."""
-        model = cls(read_config(directory, **config_overrides))
+        # The saved weights include the backbone's: re-reading the original ImageNet file would be wasted work,
+        # and an error on a machine without it.
+        model = cls(read_config(directory, **{"backbone_weights": None, **config_overrides}))
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")

@@ -55,6 +55,12 @@ def init_distributed(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def shutdown() -> None:
+    """Leaves the process group, if one was joined (recent PyTorch warns at exit otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

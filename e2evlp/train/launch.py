@@ -34,15 +34,17 @@ FINAL_DIR = "final"
 
 def train(task: str, config: dict) -> dict:
     """Trains `task` ("pretrain" or a fine-tuning task) as the run config says; rank 0 exports the final model
-    (weights, config, tokenizer, answer vocabulary, run config) to ``<output_dir>/final`` and, when the config
-    has a ``data.val`` (or Karpathy val split), evaluates it there."""
+    (weights, config, tokenizer, answer vocabulary, run config) to ``<output_dir>/final``. A single-process run
+    with a ``data.val`` (or a Karpathy val split) then evaluates it; a multi-process run leaves that to
+    ``e2evlp evaluate`` (one rank scoring a large val set would outlast the others' collective timeout)."""
     if task not in TASK_MODELS:
         raise ValueError(f"task must be one of {tuple(TASK_MODELS)}, got {task!r}")
     if not config["train"].get("output_dir") or not config["train"].get("max_steps"):
         raise ValueError("train.output_dir and train.max_steps must be set (in the YAML file or as key=value)")
     device = distributed.init_distributed()
     seed = int(config["train"].get("seed", 0))
-    tokenizer = tokenizer_for(config)
+    init = config["model"].get("init")
+    tokenizer = tokenizer_for(config, resolve_checkpoint(init) if init else None)
     answers, fields = None, {}
     if task == "vqa":
         answers = _answers_for(config)
@@ -60,10 +62,14 @@ def train(task: str, config: dict) -> dict:
     if distributed.is_main_process() and summary.get("stopped") == "done":
         final = export(model, tokenizer, config, answers, state_dict=full_state)
         summary["final"] = str(final)
-        if _has_val(task, config) and config["train"].get("distributed", "ddp") != "fsdp":
-            summary["eval"] = evaluate_task(task, model, config, "val", tokenizer, answers=answers)
-            _append_log(Path(config["train"]["output_dir"]), {"eval": summary["eval"]})
+        if _has_val(task, config):
+            if distributed.world_size() == 1:
+                summary["eval"] = evaluate_task(task, model, config, "val", tokenizer, answers=answers)
+                _append_log(Path(config["train"]["output_dir"]), {"eval": summary["eval"]})
+            else:
+                summary["eval"] = f"skipped under torchrun: run `e2evlp evaluate {task} --checkpoint {final}`"
     distributed.barrier()
+    distributed.shutdown()
     return summary
 
 
@@ -105,26 +111,39 @@ def evaluate(task: str, config: dict, checkpoint: str | Path, split: str = "val"
     config = {**config, "model": {**config["model"], "init": str(directory)}}
     answers = load_answer_vocab(directory) if task == "vqa" else None
     model = build_model(model_task, config, tokenizer).to(_device())
+    _check_complete(model, directory, model_task)
     return evaluate_task(task, model, config, split, tokenizer, answers=answers)
 
 
+def _check_complete(model, directory: Path, task: str) -> None:
+    """A checkpoint of another task leaves this task's head at random: refuse rather than score noise."""
+    if getattr(model, "new_weights", None):
+        raise ValueError(f"{directory} has no trained {task} head (missing {model.new_weights[:4]}): pass a "
+                         f"checkpoint of a {task} run")
+
+
 def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenizer_dir: str | Path | None = None,
-                   num_beams: int = 3, image_size: int | None = None) -> list[str]:
+                   num_beams: int = 3, image_size: int | None = None, batch_size: int = 16) -> list[str]:
     """Captions for image files, from a pre-training or captioning checkpoint."""
     directory = resolve_checkpoint(checkpoint)
     tokenizer = tokenizer_for({"tokenizer": tokenizer_dir}, directory)
     config = json.loads((directory / "config.json").read_text())
     task = "pretrain" if any(name.startswith("mlm_head.") for name in _weight_names(directory)) else "caption"
     model = TASK_MODELS[task].from_pretrained(directory).to(_device()).eval()
+    _check_complete(model, directory, task)
     preset = "tiny" if config.get("backbone") == "tiny" else "base"
     run = {"model": {"preset": preset}, "data": {"image": _image_settings(preset, image_size)}}
     transforms = image_transforms(run, train=False)
-    pixels = [transforms({"image": load_image(path), "boxes": torch.zeros(0, 4)})["image"] for path in images]
-    padded = pad_images(pixels, size_divisibility=model.config.backbone_stride)
-    pixel_values, pixel_mask = (t.to(_device()) for t in padded)
-    with torch.no_grad():
-        ids = captioner_of(model).generate(pixel_values, pixel_mask, num_beams=num_beams)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+    captions = []
+    for start in range(0, len(images), batch_size):
+        pixels = [transforms({"image": load_image(path), "boxes": torch.zeros(0, 4)})["image"]
+                  for path in images[start:start + batch_size]]
+        padded = pad_images(pixels, size_divisibility=model.config.backbone_stride)
+        pixel_values, pixel_mask = (t.to(_device()) for t in padded)
+        with torch.no_grad():
+            ids = captioner_of(model).generate(pixel_values, pixel_mask, num_beams=num_beams)
+        captions += [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+    return captions
 
 
 def _image_settings(preset: str, size: int | None) -> dict:

@@ -49,10 +49,13 @@ ANSWER_VOCAB_NAME = "answer_vocab.json"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A model directory (holding model.safetensors), or a run directory's latest complete checkpoint."""
+    """A model directory (holding model.safetensors); for a run directory its exported ``final/`` (which also
+    holds the tokenizer and the VQA answers), else its latest complete ``step-*`` checkpoint."""
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
         return path
+    if (path / "final" / WEIGHTS_NAME).is_file():
+        return path / "final"
     latest = latest_checkpoint(path)
     if latest is None:
         raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor a complete step-* checkpoint")
@@ -66,7 +69,8 @@ def tokenizer_for(config: dict, checkpoint: Path | None = None):
     for directory in [checkpoint, checkpoint.parent if checkpoint else None]:
         if directory is not None and (directory / "tokenizer.json").is_file():
             return load_tokenizer(directory)
-    raise ValueError("set `tokenizer` in the run config to a local directory with vocab.txt (e.g. bert-base-uncased)")
+    raise ValueError(f"no tokenizer saved with {checkpoint}: set `tokenizer` in the run config (or --tokenizer) to a "
+                     "local directory with vocab.txt (e.g. bert-base-uncased)")
 
 
 def build_model(task: str, config: dict, tokenizer, **config_fields) -> nn.Module:
