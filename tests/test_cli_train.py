@@ -78,6 +78,9 @@ def test_pretrain_evaluate_finetune_caption(synthetic, tmp_path, capsys):
     # A run folder resolves to its final/ export, which holds the tokenizer and the answer list.
     assert cli.main(["evaluate", "vqa", "--config", str(vqa_config), "--checkpoint", str(tmp_path / "vqa")]) == 0
     assert _json_out(capsys)["vqa_acc"] == pytest.approx(vqa_summary["eval"]["vqa_acc"])
+    with pytest.raises(ValueError, match="data.answers=3 but .* was trained on"):
+        cli.main(["finetune", "vqa", "--config", str(vqa_config), f"model.init={vqa_final}", "data.answers=3",
+                  f"train.output_dir={tmp_path / 'vqa2'}"])
     with pytest.raises(ValueError, match="no trained nlvr2 head"):
         cli.main(["evaluate", "nlvr2", "--config", str(vqa_config), "--checkpoint", str(vqa_final)])
 

@@ -27,6 +27,7 @@ from e2evlp.train.recipes import (
     tokenizer_for,
     train_loader,
 )
+from e2evlp.train.run_config import DETR_IMAGES, TINY_IMAGES, read_yaml, validate
 from e2evlp.train.trainer import Trainer, TrainerConfig
 
 FINAL_DIR = "final"
@@ -78,7 +79,12 @@ def _answers_for(config: dict) -> list[str]:
     if init:
         directory = resolve_checkpoint(init)
         if (directory / "answer_vocab.json").is_file():
-            return load_answer_vocab(directory)
+            answers = load_answer_vocab(directory)
+            wanted = config["data"].get("answers")
+            if wanted is not None and int(wanted) != len(answers):
+                raise ValueError(f"data.answers={wanted} but {directory} was trained on {len(answers)} answers; "
+                                 "drop data.answers to keep its answer list")
+            return answers
     return answer_vocab(config, num_answers=int(config["data"].get("answers", 3129)))
 
 
@@ -131,9 +137,15 @@ def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenize
     task = "pretrain" if any(name.startswith("mlm_head.") for name in _weight_names(directory)) else "caption"
     model = TASK_MODELS[task].from_pretrained(directory).to(_device()).eval()
     _check_complete(model, directory, task)
-    preset = "tiny" if config.get("backbone") == "tiny" else "base"
-    run = {"model": {"preset": preset}, "data": {"image": _image_settings(preset, image_size)}}
-    transforms = image_transforms(run, train=False)
+    # The evaluation size of the run that made the checkpoint, else the preset's (DETR's 800 / 1333).
+    saved_run = directory / "run_config.yaml"
+    if saved_run.is_file():
+        image = dict(validate(read_yaml(saved_run.read_text()))["data"]["image"])
+    else:
+        image = dict(TINY_IMAGES if config.get("backbone") == "tiny" else DETR_IMAGES)
+    if image_size is not None:
+        image["eval"] = image_size
+    transforms = image_transforms({"data": {"image": image}}, train=False)
     captions = []
     for start in range(0, len(images), batch_size):
         pixels = [transforms({"image": load_image(path), "boxes": torch.zeros(0, 4)})["image"]
@@ -144,15 +156,6 @@ def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenize
             ids = captioner_of(model).generate(pixel_values, pixel_mask, num_beams=num_beams)
         captions += [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
     return captions
-
-
-def _image_settings(preset: str, size: int | None) -> dict:
-    from e2evlp.train.run_config import DETR_IMAGES, TINY_IMAGES
-
-    image = dict(TINY_IMAGES if preset == "tiny" else DETR_IMAGES)
-    if size is not None:
-        image["eval"] = size
-    return image
 
 
 def _weight_names(directory: Path) -> set[str]:
