@@ -120,7 +120,8 @@ class SeededDataset(Dataset):
         return self._header_size(Path(record.image_path))
 
     def _item_size(self, index: int) -> tuple[int, int]:
-        raise NotImplementedError
+        """(height, width) of item `index`'s image before transforms; each dataset defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _item_size")
 
     def sizes(self) -> list[tuple[int, int]]:
         """(height, width) of each item's image before transforms, for SizeBucketBatchSampler."""

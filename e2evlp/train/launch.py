@@ -19,6 +19,7 @@ from e2evlp.train.recipes import (
     build_dataset,
     build_model,
     captioner_of,
+    default_device,
     evaluate_task,
     image_transforms,
     load_answer_vocab,
@@ -116,7 +117,7 @@ def evaluate(task: str, config: dict, checkpoint: str | Path, split: str = "val"
     model_task = "pretrain" if task == "detection" else task
     config = {**config, "model": {**config["model"], "init": str(directory)}}
     answers = load_answer_vocab(directory) if task == "vqa" else None
-    model = build_model(model_task, config, tokenizer).to(_device())
+    model = build_model(model_task, config, tokenizer).to(default_device())
     _check_complete(model, directory, model_task)
     return evaluate_task(task, model, config, split, tokenizer, answers=answers)
 
@@ -135,7 +136,7 @@ def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenize
     tokenizer = tokenizer_for({"tokenizer": tokenizer_dir}, directory)
     config = json.loads((directory / "config.json").read_text())
     task = "pretrain" if any(name.startswith("mlm_head.") for name in _weight_names(directory)) else "caption"
-    model = TASK_MODELS[task].from_pretrained(directory).to(_device()).eval()
+    model = TASK_MODELS[task].from_pretrained(directory).to(default_device()).eval()
     _check_complete(model, directory, task)
     # The evaluation size of the run that made the checkpoint, else the preset's (DETR's 800 / 1333).
     saved_run = directory / "run_config.yaml"
@@ -151,7 +152,7 @@ def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenize
         pixels = [transforms({"image": load_image(path), "boxes": torch.zeros(0, 4)})["image"]
                   for path in images[start:start + batch_size]]
         padded = pad_images(pixels, size_divisibility=model.config.backbone_stride)
-        pixel_values, pixel_mask = (t.to(_device()) for t in padded)
+        pixel_values, pixel_mask = (t.to(default_device()) for t in padded)
         with torch.no_grad():
             ids = captioner_of(model).generate(pixel_values, pixel_mask, num_beams=num_beams)
         captions += [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
@@ -163,7 +164,3 @@ def _weight_names(directory: Path) -> set[str]:
 
     with safe_open(str(directory / "model.safetensors"), framework="pt") as weights:
         return set(weights.keys())
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
