@@ -9,30 +9,13 @@ backward regenerates the forward's mask. Rows with no key get output 0, LSE = +i
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from e2evlp.kernels.attention_configs import AUTOTUNE_KEY, PRUNE, configs, length_bucket
 
 LOG2E = 1.4426950408889634
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _configs(block_pairs, warps, stages):
-    if _interpreting():  # the interpreter runs programs one by one and cannot autotune
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in block_pairs for w in warps for s in stages]
-
-
-FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64)], [4, 8], [2, 3])
-BWD_CONFIGS = _configs([(64, 64), (128, 64), (64, 128)], [4, 8], [2])
-AUTOTUNE_KEY = ["LQ", "LK", "D_PAD", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "IS_VARLEN", "HAS_DROPOUT"]
 
 
 @triton.jit
@@ -52,6 +35,16 @@ def _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN: tl.constexpr):
         q_len = LQ
         k_len = LK
     return b, h, q_start, k_start, q_len, k_len
+
+
+@triton.jit
+def _key_stop(KEND, b, k_len, HAS_KPM: tl.constexpr):
+    """End of the keys a sequence's queries read: with a key padding mask, one past its last unpadded key,
+    so padding at the end of a sequence costs nothing."""
+    stop = k_len
+    if HAS_KPM:
+        stop = tl.minimum(k_len, tl.load(KEND + b))
+    return stop
 
 
 @triton.jit
@@ -86,12 +79,12 @@ def _keep(seed, b, h, H, offs_m, offs_n, q_start, rng_cols, dropout_p):
     return tl.rand(seed + (b * H + h) * 1000003, offsets) >= dropout_p
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=configs("fwd"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
-def _attention_fwd(Q, K, V, O, LSE, KPM, MASK, CU_Q, CU_K,
+def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
                    s_kpm_b, s_mb, s_mh, s_mm, s_mn,
-                   H, LQ, LK, sm_scale, dropout_p, seed, rng_cols,
+                   H, LQ, LK, sm_scale, dropout_p, seed, rng_cols, TUNE_LQ, TUNE_LK,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                    MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -107,9 +100,9 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, MASK, CU_Q, CU_K,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         qk_scale = sm_scale * 1.4426950408889634
-        hi = k_len
+        hi = _key_stop(KEND, b, k_len, HAS_KPM)
         if IS_CAUSAL:  # keys beyond the block's last query (bottom-right) are never seen
-            hi = tl.minimum(k_len, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
+            hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
         k_base = K + b * s_kb + h * s_kh + k_start * s_kn
         v_base = V + b * s_vb + h * s_vh + k_start * s_vn
         for start_n in range(0, hi, BLOCK_N):
@@ -164,12 +157,12 @@ def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, b, h, H, q_start
     return p_dropped, ds
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=configs("dkdv"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
-def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, MASK, CU_Q, CU_K,
+def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KEND, MASK, CU_Q, CU_K,
                         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
                         s_kpm_b, s_mb, s_mh, s_mm, s_mn,
-                        H, LQ, LK, sm_scale, dropout_p, seed, rng_cols,
+                        H, LQ, LK, sm_scale, dropout_p, seed, rng_cols, TUNE_LQ, TUNE_LK,
                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
                         HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr,
                         HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -191,10 +184,12 @@ def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, MASK, CU_Q, CU_K,
         lo = 0
         if IS_CAUSAL:  # queries before the first one that sees this block's first key contribute nothing
             lo = tl.maximum(start_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
+        # A block of padding keys only: no query reads it, so its dK and dV stay 0.
+        hi = tl.where(start_n * BLOCK_N < _key_stop(KEND, b, k_len, HAS_KPM), q_len, lo)
         q_base = Q + b * s_qb + h * s_qh + q_start * s_qm
         do_base = DO + b * s_ob + h * s_oh + q_start * s_om
         l_base = b * s_lb + h * s_lh + q_start * s_lm
-        for start_m in range(lo, q_len, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             row_mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
             q = tl.load(q_base + rows[:, None] * s_qm + offs_d[None, :], mask=row_mask, other=0.0)
@@ -217,12 +212,12 @@ def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, MASK, CU_Q, CU_K,
                  dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=configs("dq"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
-def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, MASK, CU_Q, CU_K,
+def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, KEND, MASK, CU_Q, CU_K,
                       s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
                       s_kpm_b, s_mb, s_mh, s_mm, s_mn,
-                      H, LQ, LK, sm_scale, dropout_p, seed, rng_cols,
+                      H, LQ, LK, sm_scale, dropout_p, seed, rng_cols, TUNE_LQ, TUNE_LK,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                       MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                       FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -242,9 +237,9 @@ def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, MASK, CU_Q, CU_K,
         delta = tl.load(DELTA + l_ptrs, mask=offs_m < q_len, other=0.0)
         dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         qk_scale = sm_scale * 1.4426950408889634
-        hi = k_len
+        hi = _key_stop(KEND, b, k_len, HAS_KPM)
         if IS_CAUSAL:
-            hi = tl.minimum(k_len, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
+            hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
         k_base = K + b * s_kb + h * s_kh + k_start * s_kn
         v_base = V + b * s_vb + h * s_vh + k_start * s_vn
         for start_n in range(0, hi, BLOCK_N):
@@ -277,6 +272,15 @@ def _dropout_keep_kernel(OUT, H, LQ, LK, seed, rng_cols, dropout_p, BLOCK: tl.co
         tl.store(OUT + (bh * LQ + m) * LK + cols[None, :], keep.to(tl.int8), mask=cols[None, :] < LK)
 
 
+def key_end(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """One past each sequence's last unpadded key, int32 [B]; computed on the device, no host sync."""
+    B, LK = key_padding_mask.shape
+    if LK == 0:
+        return torch.zeros(B, dtype=torch.int32, device=key_padding_mask.device)
+    positions = torch.arange(1, LK + 1, dtype=torch.int32, device=key_padding_mask.device)
+    return torch.where(key_padding_mask, 0, positions).amax(1)
+
+
 class Problem:
     """Tensors, strides and flags of one attention call, padded ([B, H, L, D]) or varlen ([total, H, D])."""
 
@@ -296,6 +300,7 @@ class Problem:
         self.d_pad = max(16, triton.next_power_of_2(self.D))
         self.causal, self.scale, self.dropout_p, self.seed = bool(causal), float(scale), float(dropout_p), int(seed)
         self.kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+        self.key_end = None if key_padding_mask is None else key_end(key_padding_mask)
         if attn_mask is None:
             self.mask, self.mask_kind = None, MASK_NONE
         else:
@@ -319,10 +324,11 @@ class Problem:
 
     def common_args(self, o_like, lse):
         kpm = self.kpm if self.kpm is not None else self.q
+        key_end = self.key_end if self.key_end is not None else self.q
         mask = self.mask if self.mask is not None else self.q
         mask_strides = tuple(self.mask.stride()) if self.mask is not None else (0, 0, 0, 0)
         return dict(
-            KPM=kpm, MASK=mask, CU_Q=self.cu_q, CU_K=self.cu_k,
+            KPM=kpm, KEND=key_end, MASK=mask, CU_Q=self.cu_q, CU_K=self.cu_k,
             s_qb=self.strides(self.q)[0], s_qh=self.strides(self.q)[1], s_qm=self.strides(self.q)[2],
             s_kb=self.strides(self.k)[0], s_kh=self.strides(self.k)[1], s_kn=self.strides(self.k)[2],
             s_vb=self.strides(self.v)[0], s_vh=self.strides(self.v)[1], s_vn=self.strides(self.v)[2],
@@ -331,7 +337,8 @@ class Problem:
             s_kpm_b=self.kpm.stride(0) if self.kpm is not None else 0,
             s_mb=mask_strides[0], s_mh=mask_strides[1], s_mm=mask_strides[2], s_mn=mask_strides[3],
             H=self.H, LQ=self.LQ, LK=self.LK, sm_scale=self.scale, dropout_p=self.dropout_p, seed=self.seed,
-            rng_cols=max(self.LK, 1), HEAD_DIM=self.D, D_PAD=self.d_pad, IS_CAUSAL=self.causal,
+            rng_cols=max(self.LK, 1), TUNE_LQ=length_bucket(self.LQ), TUNE_LK=length_bucket(self.LK),
+            HEAD_DIM=self.D, D_PAD=self.d_pad, IS_CAUSAL=self.causal,
             HAS_KPM=self.kpm is not None, MASK_KIND=self.mask_kind, IS_VARLEN=self.varlen,
             HAS_DROPOUT=self.dropout_p > 0, FP32_DOT=self.q.dtype == torch.float32,
         )

@@ -97,6 +97,47 @@ def test_key_padding_and_fully_padded_rows_give_zero():
     assert (q.grad[2] == 0).all() and torch.isfinite(k.grad).all() and (v.grad[2] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_blocks_past_the_last_unpadded_key_are_skipped_exactly(causal):
+    """Key blocks after a sequence's last real key are never read; causal alignment still uses the full Lk."""
+    from e2evlp.kernels.attention import key_end
+
+    q, k, v = qkv(4, 2, 21, 50, 32, seed=11)
+    kpm = torch.zeros(4, 50, dtype=torch.bool, device=DEVICE)
+    kpm[0, 20:] = True  # trailing padding over several key blocks
+    kpm[1, 5:45] = True  # padding in the middle and at the end
+    kpm[2] = True
+    assert key_end(kpm).tolist() == [20, 50, 0, 50]
+    assert_close_to_reference(q, k, v, key_padding_mask=kpm, causal=causal)
+    out = ops.attention(q, k, v, key_padding_mask=kpm, causal=causal)
+    out.backward(torch.randn_like(out))
+    assert (k.grad[0, :, 20:] == 0).all() and (v.grad[0, :, 20:] == 0).all() and (k.grad[2] == 0).all()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's block size is known")
+def test_padding_blocks_are_never_read():
+    """NaN in key blocks wholly past the last real key cannot reach the output if they are never loaded
+    (a masked read would give 0 · NaN = NaN)."""
+    from e2evlp.kernels.attention_configs import INTERPRETER_CONFIG
+
+    block = INTERPRETER_CONFIG.kwargs["BLOCK_N"]
+    q, k, v = qkv(1, 2, 9, 4 * block, 32, seed=12)
+    kpm = torch.zeros(1, 4 * block, dtype=torch.bool, device=DEVICE)
+    kpm[0, block + 3:] = True
+    clean = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        k[:, :, 2 * block:] = float("nan")
+        v[:, :, 2 * block:] = float("nan")
+    out = ops.attention(q, k, v, key_padding_mask=kpm)
+    ref = reference.attention(*clean, key_padding_mask=kpm)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref, clean, grad.double())
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(9, 13), (2, 1, 1, 13), (1, 2, 9, 13), (2, 2, 9, 13)])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_attn_masks_broadcast(shape, kind):

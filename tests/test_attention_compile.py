@@ -1,9 +1,12 @@
 """The attention kernels through Triton's real compiler for sm_90 and sm_80, on a machine without a GPU.
 
 The CPU tests run the kernels in Triton's interpreter, which accepts code the GPU compiler rejects;
-compiling ahead of time for Hopper and Ampere catches that here rather than on the first GPU run.
+compiling ahead of time for Hopper and Ampere catches that here rather than on the first GPU run. The
+autotuning candidates are compiled too: what each allocates in shared memory must stay within the bound
+that the pruning relies on, and the fallback must fit at head dim 256 in float32.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -11,32 +14,104 @@ import sys
 import pytest
 
 SCRIPT = r"""
+import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from e2evlp.kernels import attention as A
+from e2evlp.kernels import attention_configs as C
 
-POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "KPM": "*u8", "MASK": "*u8"}
+POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "KPM": "*u8", "KEND": "*i32",
+           "MASK": "*u8"}
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-arch, dtype = int(ARCH), DTYPE
-consts = dict(IS_CAUSAL=True, HAS_KPM=True, MASK_KIND=1, IS_VARLEN=False, HAS_DROPOUT=True, HEAD_DIM=80, D_PAD=128,
-              FP32_DOT=dtype == "fp32", BLOCK_M=64, BLOCK_N=64)
-for kernel in (A._attention_fwd, A._attention_bwd_dkdv, A._attention_bwd_dq):
-    fn = kernel.fn
+KERNELS = {"fwd": A._attention_fwd, "dkdv": A._attention_bwd_dkdv, "dq": A._attention_bwd_dq}
+
+
+def compile_pass(kernel_pass, arch, dtype, config, **flags):
+    fn = KERNELS[kernel_pass].fn
+    consts = dict(IS_CAUSAL=False, HAS_KPM=True, MASK_KIND=0, IS_VARLEN=False, HAS_DROPOUT=False, HEAD_DIM=64,
+                  D_PAD=64, FP32_DOT=dtype == "fp32", **config.kwargs)
+    consts.update(flags)
     signature = {name: "constexpr" if name in consts else POINTER.get(name, "*" + dtype if name in TENSORS else
                  "fp32" if name in ("sm_scale", "dropout_p") else "i32") for name in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                   options={"num_warps": 4, "num_stages": 2})
-    print("compiled", fn.__name__, arch, dtype)
+    # As at run time for aligned tensors and strides that are multiples of 16, which is what lets the
+    # compiler pipeline the streamed loads (cp.async).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name].startswith("*") or name.startswith("s_")}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+arch, dtype, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+major = arch // 10
+if mode == "features":
+    flags = dict(IS_CAUSAL=True, HAS_KPM=True, MASK_KIND=1, HAS_DROPOUT=True, HEAD_DIM=80, D_PAD=128)
+    for kernel_pass in KERNELS:
+        config = C._config(kernel_pass, major, 64, 64, 4, 2)
+        kernel = compile_pass(kernel_pass, arch, dtype, config, **flags)
+        print(json.dumps({"pass": kernel_pass, "cp_async": kernel.asm["ptx"].count("cp.async")}))
+else:
+    d_pad, element_size = (128, 2) if mode == "candidates" else (256, 4)
+    configs = ([C._config(p, major, *c) for p in KERNELS for c in C.CANDIDATES[p][major]] if mode == "candidates"
+               else [C.fallback(p, major) for p in KERNELS])
+    for config in configs:
+        kernel = compile_pass(config.kernel_pass, arch, dtype, config, HEAD_DIM=d_pad, D_PAD=d_pad)
+        estimate, bound = C.shared_bytes(config, d_pad, element_size, major)
+        print(json.dumps({"pass": config.kernel_pass, "config": str(config), "shared": kernel.metadata.shared,
+                          "bound": bound, "limit": C.SHARED_MEMORY_BYTES[major]}))
 """
+
+
+def _compile(arch, dtype, mode):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(arch), dtype, mode], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, dtype", [(90, "bf16"), (80, "fp32")])
-def test_attention_kernels_compile_for_gpus(arch, dtype):
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
-    code = SCRIPT.replace("ARCH", str(arch)).replace("DTYPE", repr(dtype))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 3
+def test_attention_kernels_compile_for_gpus_with_every_feature(arch, dtype):
+    compiled = _compile(arch, dtype, "features")
+    assert [c["pass"] for c in compiled] == ["fwd", "dkdv", "dq"]
+    assert all(c["cp_async"] > 0 for c in compiled), compiled  # the streamed tiles are pipelined
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
+def test_candidate_configs_stay_within_the_pruning_bound(arch):
+    for mode, dtype in (("candidates", "bf16"), ("fallback", "fp32")):
+        for record in _compile(arch, dtype, mode):
+            assert record["shared"] <= record["bound"], record
+            if mode == "fallback":
+                assert record["shared"] <= record["limit"], record
+
+
+@pytest.mark.parametrize("major", [8, 9, 10])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("d_pad", [16, 64, 128, 256])
+def test_pruning_keeps_the_gpus_own_candidates_and_always_one_that_fits(monkeypatch, major, dtype, d_pad):
+    import torch
+
+    from e2evlp.kernels import attention_configs as C
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    generation = 9 if major >= 9 else 8
+    for kernel_pass in C.CANDIDATES:
+        candidates = [C._config(kernel_pass, g, *c) for g in (8, 9) for c in C.CANDIDATES[kernel_pass][g]]
+        q = torch.empty(1, dtype=getattr(torch, dtype))
+        kept = C.prune(candidates, {"Q": q}, D_PAD=d_pad)
+        assert kept and all(c.generation == generation for c in kept)
+        sizes = [C.shared_bytes(c, d_pad, q.element_size(), generation) for c in kept]
+        assert any(bound <= C.SHARED_MEMORY_BYTES[generation] for _, bound in sizes)
+        if d_pad <= 64 and dtype == "bfloat16":  # small tiles: every candidate of the generation is timed
+            assert len(kept) == len(C.CANDIDATES[kernel_pass][generation])
+
+
+def test_lengths_tune_by_power_of_two_bucket():
+    from e2evlp.kernels.attention_configs import length_bucket
+
+    assert [length_bucket(n) for n in (0, 1, 16, 17, 300, 512, 513, 990)] == [16, 16, 16, 32, 512, 512, 1024, 1024]

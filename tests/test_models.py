@@ -101,6 +101,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_unpadded_encoder_equals_padded_at_the_real_tokens(kernels, checkpointing):
+    padded, packed = (pretrainer(hidden_dropout_prob=0.0, attention_dropout_prob=0.0, kernels=kernels,
+                                 gradient_checkpointing=checkpointing, unpad_encoder=unpad).train()
+                      for unpad in (False, True))
+    packed.load_state_dict(padded.state_dict())
+    hidden = torch.randn(4, 37, 64, requires_grad=True)
+    padding = torch.zeros(4, 37, dtype=torch.bool)
+    padding[0, 6:10] = True  # text padding between the text and the image tokens
+    padding[0, 30:] = True
+    padding[2] = True  # nothing real: an empty sequence
+    padding[3, 1::2] = True  # scattered, like the right edge of a padded image grid
+    real = ~padding
+    out_padded, out_packed = padded.model.encoder(hidden, padding), packed.model.encoder(hidden, padding)
+    torch.testing.assert_close(out_packed[real], out_padded[real], rtol=1e-5, atol=1e-5)
+    assert (out_packed[padding] == 0).all()
+    grad = torch.randn_like(out_padded).masked_fill(padding[..., None], 0.0)
+    grads = [torch.autograd.grad(out, [hidden, *model.model.encoder.parameters()], grad)
+             for out, model in ((out_padded, padded), (out_packed, packed))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_autocast_and_compiled_encoder(monkeypatch):
     monkeypatch.setenv("E2EVLP_ATTENTION", "sdpa")  # the interpreter's bf16 dot is unusable
     model = pretrainer().eval()
@@ -109,6 +133,7 @@ def test_bf16_autocast_and_compiled_encoder(monkeypatch):
         out = model(**batch)
     assert torch.isfinite(out.loss)
     encoder = model.model.encoder
+    encoder.unpad = False  # fullgraph needs the padded layout: packing syncs on the lengths
     hidden = torch.randn(2, 7, 64)
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[1, 5:] = True

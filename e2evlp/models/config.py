@@ -13,7 +13,8 @@ class E2EVLPConfig(PretrainedConfig):
 
     ``kernels="fused"`` runs e2evlp's fast ops (Triton attention, fused matcher and box losses);
     ``"reference"`` runs their plain twins from ``e2evlp.reference`` (SDPA-free attention math, DETR's
-    scipy matcher and criterion) — same numbers, for checking and benchmarking.
+    scipy matcher and criterion) — same numbers, for checking and benchmarking. ``unpad_encoder`` runs the
+    encoder on the real tokens only (see ``Encoder``); False keeps the padded layout, with no host sync.
     """
 
     model_type = "e2evlp"
@@ -31,7 +32,7 @@ class E2EVLPConfig(PretrainedConfig):
                  bbox_loss_coef: float = 5.0, giou_loss_coef: float = 2.0, attribute_loss_coef: float = 1.0,
                  eos_coef: float = 0.1, match_cost_class: float = 1.0, match_cost_bbox: float = 5.0,
                  match_cost_giou: float = 2.0, kernels: str = "fused", gradient_checkpointing: bool = False,
-                 initializer_range: float = 0.02, **kwargs):
+                 unpad_encoder: bool = True, initializer_range: float = 0.02, **kwargs):
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
         if kernels not in KERNELS:
@@ -62,6 +63,7 @@ class E2EVLPConfig(PretrainedConfig):
         self.match_cost_class, self.match_cost_bbox = match_cost_class, match_cost_bbox
         self.match_cost_giou = match_cost_giou
         self.kernels, self.gradient_checkpointing = kernels, gradient_checkpointing
+        self.unpad_encoder = unpad_encoder
         self.initializer_range = initializer_range
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 

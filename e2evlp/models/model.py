@@ -16,6 +16,7 @@ from e2evlp.models.heads import DetectionHeads, Pooler
 from e2evlp.models.pretrained import PretrainedModule
 from e2evlp.models.text import TextEmbeddings, bert_to_e2evlp_state_dict, load_bert_checkpoint
 from e2evlp.nn.attention import DecoderBlock, SelfAttentionBlock
+from e2evlp.nn.packing import PackedSequences
 from e2evlp.ops.dispatch import attention_backend_override
 
 
@@ -33,7 +34,13 @@ def kernels_context(config: E2EVLPConfig):
 
 
 class Encoder(nn.Module):
-    """BERT-style post-LN layers over the concatenated tokens."""
+    """BERT-style post-LN layers over the concatenated tokens.
+
+    With ``config.unpad_encoder`` (the default) a batch with padding runs packed: only its real tokens go
+    through the layers (attention through ops.attention_varlen), so padded image grids and text cost no
+    FLOPs; padding positions of the output are 0. That costs one host sync per call (the lengths); set it
+    False for torch.compile(fullgraph=True) or CUDA graphs, which then compute the padding too.
+    """
 
     def __init__(self, config: E2EVLPConfig):
         super().__init__()
@@ -43,13 +50,22 @@ class Encoder(nn.Module):
                                config.hidden_act)
             for _ in range(config.num_encoder_layers))
         self.gradient_checkpointing = config.gradient_checkpointing
+        self.unpad = config.unpad_encoder
 
     def forward(self, hidden, padding_mask):  # [B, L, C], [B, L] -> [B, L, C]
+        if not self.unpad:
+            return self._layers(hidden, padding_mask, None)
+        packed = PackedSequences.from_padding_mask(padding_mask)
+        if packed.total == padding_mask.numel():  # no padding: the dense layout is already packed
+            return self._layers(hidden, None, None)
+        return packed.unpack(self._layers(packed.pack(hidden), None, packed))  # [total, C] inside
+
+    def _layers(self, hidden, padding_mask, packed):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden = checkpoint(layer, hidden, padding_mask, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, padding_mask, packed, use_reentrant=False)
             else:
-                hidden = layer(hidden, padding_mask)
+                hidden = layer(hidden, padding_mask, packed)
         return hidden
 
 

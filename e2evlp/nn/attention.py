@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from e2evlp import ops
+from e2evlp.nn.packing import PackedSequences
 from e2evlp.reference.attention import attention_weights
 
 
@@ -241,13 +242,22 @@ class QKVAttention(nn.Module):
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, query, key, value, key_padding_mask=None, causal=False):
+    def forward(self, query, key, value, key_padding_mask=None, causal=False, packed: PackedSequences | None = None):
         """query [B, Lq, C], key/value [B, Lk, C], key_padding_mask bool [B, Lk] (True = ignore) -> the
-        heads' outputs concatenated, [B, Lq, C], before any output dense."""
+        heads' outputs concatenated, [B, Lq, C], before any output dense. With ``packed`` (self-attention
+        only), query/key/value are the packed real tokens [total, C] and so is the result."""
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if packed is not None:
+            total, C = query.shape
+            q, k, v = (proj(x).view(total, self.num_heads, C // self.num_heads)
+                       for proj, x in ((self.query, query), (self.key, key), (self.value, value)))
+            out = ops.attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                                       packed.max_seqlen, causal=causal, dropout_p=dropout_p)  # [total, H, D]
+            return out.reshape(total, C)
         q, k, v = (split_heads(proj(x), self.num_heads)
                    for proj, x in ((self.query, query), (self.key, key), (self.value, value)))
         out = ops.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
-                             dropout_p=self.attention_dropout if self.training else 0.0)  # [B, H, Lq, D]
+                            dropout_p=dropout_p)  # [B, H, Lq, D]
         return merge_heads(out)
 
 
@@ -279,9 +289,10 @@ class SelfAttentionBlock(nn.Module):
         self.output_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, hidden, key_padding_mask=None):
-        """hidden [B, L, C], key_padding_mask bool [B, L] (True = padding) -> [B, L, C]."""
-        attended = self.attention(hidden, hidden, hidden, key_padding_mask=key_padding_mask)
+    def forward(self, hidden, key_padding_mask=None, packed: PackedSequences | None = None):
+        """hidden [B, L, C], key_padding_mask bool [B, L] (True = padding) -> [B, L, C]; or hidden [total, C]
+        holding only the real tokens, laid out by ``packed`` -> [total, C]."""
+        attended = self.attention(hidden, hidden, hidden, key_padding_mask=key_padding_mask, packed=packed)
         hidden = self.attention_norm(hidden + self.dropout(self.attention_output(attended)))
         ffn = self.output(self.activation(self.intermediate(hidden)))  # [B, L, C]
         return self.output_norm(hidden + self.dropout(ffn))
