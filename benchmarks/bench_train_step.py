@@ -1,12 +1,16 @@
-"""One E2E-VLP pre-training step (forward + backward + AdamW) with kernels="fused" vs "reference", side by side.
+"""One E2E-VLP pre-training step (forward + backward + AdamW): fused kernels vs the plain reference, side by side.
 
 On a GPU: the ``base`` preset (ResNet-50, BERT-base encoder, 6-layer decoder, 100 queries), batch 32,
 images resized DETR-style into a 512×672 canvas with per-image padding, 20–40 text tokens, all four
 tasks, bf16 autocast (--quick: batch 8). On the CPU: the ``tiny`` preset at batch 4 (the step runs and is reported).
-Both models start from the same weights and see the same batch. Reported per implementation:
-ms per step, samples/s, tokens/s (text + image tokens of the encoder), peak memory and MFU, with
-FLOPs estimated as 6 × (non-embedding Transformer parameters) × encoder tokens + the backbone's
-forward FLOPs × 3 (counted with torch.utils.flop_counter on one forward).
+Implementations: "e2evlp" (kernels="fused", the encoder packed to its real tokens), "e2evlp-padded"
+(kernels="fused", unpad_encoder=False: the padded layout with key padding masks) and "reference"
+(kernels="reference", padded: plain PyTorch attention, DETR's matcher and criterion). All start from the
+same weights and see the same batch. Reported per implementation: ms per step, samples/s, tokens/s (the
+real text + image tokens of the encoder, padding excluded), peak memory and MFU, with FLOPs estimated as
+6 × (non-embedding Transformer parameters) × real encoder tokens + the backbone's forward FLOPs × 3
+(counted with torch.utils.flop_counter on one forward). Padding is not counted, so skipping it shows up
+as a shorter step, not as extra FLOPs.
 
     python -m benchmarks.bench_train_step [e2evlp bench options]   (the same as: e2evlp bench train-step ...)
 """
@@ -52,13 +56,15 @@ def make_batch(config: E2EVLPConfig, B: int, H: int, W: int, device: str, seed: 
                 targets=targets, caption_ids=caption_ids.to(device), caption_mask=attention_mask.to(device))
 
 
-def step_flops(model: E2EVLPForPretraining, batch: dict, encoder_tokens: int) -> float:
-    """Training FLOPs of one step: 6·N·tokens for the Transformer, 3× the counted backbone forward."""
+def step_flops(model: E2EVLPForPretraining, batch: dict) -> tuple[float, int]:
+    """(training FLOPs of one step, real encoder tokens): 6·N·tokens for the Transformer, 3× the counted
+    backbone forward."""
     transformer = sum(p.numel() for name, p in model.named_parameters()
                       if not name.startswith(("model.backbone", "model.embeddings")))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.model.backbone(batch["pixel_values"], batch["pixel_mask"])
-    return 6.0 * transformer * encoder_tokens + 3.0 * counter.get_total_flops()
+        visual = model.model.backbone(batch["pixel_values"], batch["pixel_mask"])
+    tokens = int(batch["attention_mask"].sum()) + int((~visual.padding_mask).sum())
+    return 6.0 * transformer * tokens + 3.0 * counter.get_total_flops(), tokens
 
 
 def shape(device: str, quick: bool) -> tuple[str, int, int, int]:
@@ -76,15 +82,14 @@ def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict]
     preset, B, H, W = shape(device, quick)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     models, optimizers = {}, {}
-    for impl, kernels in (("e2evlp", "fused"), ("reference", "reference")):
+    for impl, kernels, unpad in (("e2evlp", "fused", True), ("e2evlp-padded", "fused", False),
+                                 ("reference", "reference", False)):
         torch.manual_seed(0)
-        config = getattr(E2EVLPConfig, preset)(kernels=kernels)
+        config = getattr(E2EVLPConfig, preset)(kernels=kernels, unpad_encoder=unpad)
         models[impl] = E2EVLPForPretraining(config).to(device).train()
         optimizers[impl] = torch.optim.AdamW([p for p in models[impl].parameters() if p.requires_grad], lr=1e-5)
     config = models["e2evlp"].config
     batch = make_batch(config, B, H, W, device)
-    stride = models["e2evlp"].model.backbone.stride
-    encoder_tokens = B * (batch["input_ids"].shape[1] + (H // stride) * (W // stride))
 
     def step(impl):
         with torch.autocast(device_type=device, dtype=dtype, enabled=on_gpu):
@@ -95,7 +100,7 @@ def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict]
 
     timing = time_interleaved({impl: (lambda impl=impl: step(impl)) for impl in models}, device, warmup=2,
                               repeat=repeat)
-    flops = step_flops(models["e2evlp"], batch, encoder_tokens)
+    flops, encoder_tokens = step_flops(models["e2evlp"], batch)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if on_gpu else None
     case = f"preset={preset} B={B} image={H}x{W} text={batch['input_ids'].shape[1]} tasks=mlm+itm+det+cap"
     records = []

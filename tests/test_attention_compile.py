@@ -95,7 +95,6 @@ def test_candidate_configs_stay_within_the_pruning_bound(arch):
 @pytest.mark.parametrize("d_pad", [16, 64, 128, 256])
 def test_pruning_keeps_the_gpus_own_candidates_and_always_one_that_fits(monkeypatch, major, dtype, d_pad):
     import torch
-
     from e2evlp.kernels import attention_configs as C
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))

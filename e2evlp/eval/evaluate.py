@@ -124,26 +124,20 @@ def evaluate_retrieval(model: nn.Module, batches: Iterable[dict], tokenizer, *,
     """Recall@1/5/10 in both directions of an E2EVLPForRetrieval over every (text, image) pair of the set.
 
     Batches carry images with all of their ``references`` (a CaptionCollator over a per-image CaptionDataset);
-    every reference, encoded with `tokenizer`, becomes a query text."""
+    every reference, encoded with `tokenizer`, becomes a query text. Each image goes through the backbone
+    once (``embed_gallery``), then every pair through the encoder and the ITM head."""
     model.eval()
     device = _device_of(model)
-    images, masks, texts, text_to_image = [], [], [], []
+    gallery, texts, text_to_image = [], [], []
     for batch in batches:
-        for pixels, mask, refs in zip(batch["pixel_values"], batch["pixel_mask"], batch["references"]):
-            text_to_image += [len(images)] * len(refs)
+        for index, refs in enumerate(batch["references"]):
+            text_to_image += [len(gallery) + index] * len(refs)
             texts += list(refs)
-            images.append(pixels)
-            masks.append(mask)
-    if not images:
+        gallery += model.embed_gallery(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
+    if not gallery:
         raise ValueError("evaluate_retrieval got no images")
-    height = max(image.shape[-2] for image in images)
-    width = max(image.shape[-1] for image in images)
-    pixel_values = torch.stack([nn.functional.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
-                                for x in images])  # [N, 3, H, W]
-    pixel_mask = torch.stack([nn.functional.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2]))
-                              for m in masks])  # [N, H, W]
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=model.config.max_text_length,
                         return_tensors="pt")
-    scores = model.score_matrix(pixel_values.to(device), pixel_mask.to(device), encoded["input_ids"].to(device),
-                                encoded["attention_mask"].to(device), batch_size=batch_size)  # [T, N]
+    scores = model.score_gallery(gallery, encoded["input_ids"].to(device), encoded["attention_mask"].to(device),
+                                 batch_size=batch_size)  # [T, N]
     return recall_at_k(scores.cpu(), text_to_image)

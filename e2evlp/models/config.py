@@ -14,7 +14,8 @@ class E2EVLPConfig(PretrainedConfig):
     ``kernels="fused"`` runs e2evlp's fast ops (Triton attention, fused matcher and box losses);
     ``"reference"`` runs their plain twins from ``e2evlp.reference`` (SDPA-free attention math, DETR's
     scipy matcher and criterion) — same numbers, for checking and benchmarking. ``unpad_encoder`` runs the
-    encoder on the real tokens only (see ``Encoder``); False keeps the padded layout, with no host sync.
+    encoder on the real tokens only where the Triton kernels run attention (see ``Encoder``); False keeps
+    the padded layout everywhere, with no host sync.
     """
 
     model_type = "e2evlp"

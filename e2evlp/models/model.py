@@ -17,7 +17,7 @@ from e2evlp.models.pretrained import PretrainedModule
 from e2evlp.models.text import TextEmbeddings, bert_to_e2evlp_state_dict, load_bert_checkpoint
 from e2evlp.nn.attention import DecoderBlock, SelfAttentionBlock
 from e2evlp.nn.packing import PackedSequences
-from e2evlp.ops.dispatch import attention_backend_override
+from e2evlp.ops.dispatch import attention_backend, attention_backend_override
 
 
 @dataclass
@@ -28,6 +28,15 @@ class EncoderOutput:
     num_text: int  # how many of the L positions are text
 
 
+@dataclass
+class ImageTokens:
+    """Images as encoder input: grid tokens with their positions and the image-type embedding applied."""
+
+    tokens: torch.Tensor  # [B, N, C]
+    padding_mask: torch.Tensor  # [B, N] bool, True = padding
+    position: torch.Tensor  # [B, N, C]: 2-D sine positions (also the decoder's memory positions)
+
+
 def kernels_context(config: E2EVLPConfig):
     """Attention through the reference twin for kernels="reference"; the default dispatch otherwise."""
     return attention_backend_override("reference") if config.kernels == "reference" else contextlib.nullcontext()
@@ -36,10 +45,12 @@ def kernels_context(config: E2EVLPConfig):
 class Encoder(nn.Module):
     """BERT-style post-LN layers over the concatenated tokens.
 
-    With ``config.unpad_encoder`` (the default) a batch with padding runs packed: only its real tokens go
-    through the layers (attention through ops.attention_varlen), so padded image grids and text cost no
-    FLOPs; padding positions of the output are 0. That costs one host sync per call (the lengths); set it
-    False for torch.compile(fullgraph=True) or CUDA graphs, which then compute the padding too.
+    With ``config.unpad_encoder`` (the default), where attention runs the fused Triton kernels (CUDA), a
+    batch with padding runs packed: only its real tokens go through the layers (attention through
+    ops.attention_varlen), so padded image grids and text cost no FLOPs; padding positions of the output
+    are 0. That costs one host sync per call (the lengths); set it False for torch.compile(fullgraph=True)
+    or CUDA graphs, which then compute the padding too. Other attention backends (CPU SDPA, the reference)
+    have no varlen kernel and would re-pad in every layer, so there the padded layout is kept.
     """
 
     def __init__(self, config: E2EVLPConfig):
@@ -53,7 +64,7 @@ class Encoder(nn.Module):
         self.unpad = config.unpad_encoder
 
     def forward(self, hidden, padding_mask):  # [B, L, C], [B, L] -> [B, L, C]
-        if not self.unpad:
+        if not self.unpad or attention_backend(hidden.device) != "triton":
             return self._layers(hidden, padding_mask, None)
         packed = PackedSequences.from_padding_mask(padding_mask)
         if packed.total == padding_mask.numel():  # no padding: the dense layout is already packed
@@ -146,14 +157,27 @@ class E2EVLPModel(PretrainedModule):
         self.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
         return unused
 
+    def embed_image(self, pixel_values, pixel_mask=None) -> ImageTokens:
+        """Pixels [B, 3, H, W] (pixel_mask [B, H, W], True = real pixel) → the image's encoder tokens."""
+        visual = self.backbone(pixel_values, pixel_mask)
+        # Image tokens get a learned modality embedding; text keeps BERT's embeddings unchanged, so a
+        # BERT checkpoint encodes text-only input exactly as BERT does.
+        tokens = self.image_norm(visual.tokens + visual.position + self.image_type_embedding)
+        return ImageTokens(tokens, visual.padding_mask, visual.position)
+
     def encode(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_mask=None,
-               token_type_ids=None) -> EncoderOutput:
+               token_type_ids=None, image: ImageTokens | None = None) -> EncoderOutput:
         """Text [B, Lt] and/or pixels [B, 3, H, W] → encoder states [B, Lt + h·w, C], text first.
 
         attention_mask: [B, Lt], 1 = real token (BERT's convention); pixel_mask: [B, H, W], True = real
-        pixel (DETR's). Either modality may be absent.
+        pixel (DETR's). Either modality may be absent. ``image`` (from ``embed_image``) replaces
+        pixel_values when one image is encoded with many texts.
         """
-        if input_ids is None and pixel_values is None:
+        if pixel_values is not None and image is not None:
+            raise ValueError("encode takes pixel_values or image tokens, not both")
+        if pixel_values is not None:
+            image = self.embed_image(pixel_values, pixel_mask)
+        if input_ids is None and image is None:
             raise ValueError("encode needs input_ids, pixel_values or both")
         parts, masks, positions = [], [], []
         num_text = 0
@@ -167,17 +191,13 @@ class E2EVLPModel(PretrainedModule):
                          else attention_mask == 0)
             positions.append(torch.zeros_like(text))
             num_text = input_ids.shape[1]
-        if pixel_values is not None:
-            if input_ids is not None and pixel_values.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"pixel_values has {pixel_values.shape[0]} images but input_ids has "
+        if image is not None:
+            if input_ids is not None and image.tokens.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"pixel_values has {image.tokens.shape[0]} images but input_ids has "
                                  f"{input_ids.shape[0]} texts: the batch sizes must match")
-            visual = self.backbone(pixel_values, pixel_mask)
-            # Image tokens get a learned modality embedding; text keeps BERT's embeddings unchanged, so a
-            # BERT checkpoint encodes text-only input exactly as BERT does.
-            image = self.image_norm(visual.tokens + visual.position + self.image_type_embedding)
-            parts.append(image)
-            masks.append(visual.padding_mask)
-            positions.append(visual.position)
+            parts.append(image.tokens)
+            masks.append(image.padding_mask)
+            positions.append(image.position)
         hidden = torch.cat(parts, dim=1)
         padding_mask = torch.cat(masks, dim=1)
         with kernels_context(self.config):

@@ -8,9 +8,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from e2evlp.models.config import E2EVLPConfig
-from e2evlp.models.model import E2EVLPModel, init_bert_weights
+from e2evlp.models.model import E2EVLPModel, ImageTokens, init_bert_weights
 from e2evlp.models.pretrained import PretrainedModule
 
 
@@ -98,15 +99,39 @@ class E2EVLPForRetrieval(PretrainedModule):
         return ClassifierOutput(logits, loss)
 
     @torch.no_grad()
-    def score_matrix(self, pixel_values, pixel_mask, input_ids, attention_mask=None, batch_size: int = 64):
-        """Scores every text against every image: [num_texts, num_images], in batches of `batch_size` pairs."""
-        num_texts, num_images = input_ids.shape[0], pixel_values.shape[0]
+    def embed_gallery(self, pixel_values, pixel_mask=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each image's real encoder tokens and their positions, ([n_i, C], [n_i, C]): the backbone runs once
+        per image, however many texts it is scored against. Galleries of several batches concatenate."""
+        image = self.model.embed_image(pixel_values, pixel_mask)
+        real = ~image.padding_mask  # [B, N]
+        return [(image.tokens[b, real[b]], image.position[b, real[b]]) for b in range(real.shape[0])]
+
+    @torch.no_grad()
+    def score_gallery(self, gallery: list[tuple[torch.Tensor, torch.Tensor]], input_ids, attention_mask=None,
+                      batch_size: int = 64) -> torch.Tensor:
+        """Scores every text against every image of ``embed_gallery``'s output: [num_texts, num_images], in
+        batches of `batch_size` pairs, each padded only to its own longest image."""
+        num_texts, num_images = input_ids.shape[0], len(gallery)
         text_index = torch.arange(num_texts).repeat_interleave(num_images)
         image_index = torch.arange(num_images).repeat(num_texts)
         scores = []
         for start in range(0, len(text_index), batch_size):
             t, i = text_index[start:start + batch_size], image_index[start:start + batch_size]
-            logits = self.forward(pixel_values[i], None if pixel_mask is None else pixel_mask[i], input_ids[t],
-                                  None if attention_mask is None else attention_mask[t]).logits
+            tokens, positions = zip(*(gallery[j] for j in i.tolist()))
+            lengths = torch.tensor([len(x) for x in tokens], device=input_ids.device)
+            padding = torch.arange(int(lengths.max()), device=input_ids.device)[None] >= lengths[:, None]
+            image = ImageTokens(pad_sequence(tokens, batch_first=True), padding,
+                                pad_sequence(positions, batch_first=True))
+            encoded = self.model.encode(input_ids[t], None if attention_mask is None else attention_mask[t],
+                                        image=image)
+            logits = self.itm_head(self.model.pooler(encoded.hidden))
             scores.append(logits[:, 1] - logits[:, 0])
         return torch.cat(scores).view(num_texts, num_images)
+
+    def score_matrix(self, pixel_values, pixel_mask, input_ids, attention_mask=None, batch_size: int = 64):
+        """Scores every text against every image: [num_texts, num_images], in batches of `batch_size` pairs."""
+        gallery = []
+        for start in range(0, pixel_values.shape[0], batch_size):
+            gallery += self.embed_gallery(pixel_values[start:start + batch_size],
+                                          None if pixel_mask is None else pixel_mask[start:start + batch_size])
+        return self.score_gallery(gallery, input_ids, attention_mask, batch_size)
