@@ -5,6 +5,9 @@ walks the other side block by block with an online softmax in base 2. Masks: key
 bottom-right causal, a bool or additive mask with arbitrary (broadcast) strides, and varlen
 sequences through cu_seqlens. Dropout keeps p's Philox stream by (seed, sequence, head) so the
 backward regenerates the forward's mask. Rows with no key get output 0, LSE = +inf, gradient 0.
+Each walk runs in two loops: tiles whose keys are all real and visible skip the mask arithmetic, the
+rest (the causal diagonal, the last partial block, any key padding or mask) apply it; key blocks past a
+sequence's last real key are not visited at all.
 """
 
 from __future__ import annotations
@@ -48,14 +51,33 @@ def _key_stop(KEND, b, k_len, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _unmasked_end(first_row, q_len, k_len, hi, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
+    """For a block of queries starting at first_row: the keys before this (a multiple of BLOCK_N, at most hi)
+    are real and visible to every query of the block, so their tiles need no mask. Queries past q_len read
+    zeros and are never stored, so they need none either."""
+    end = 0
+    if not HAS_KPM and MASK_KIND == 0:
+        end = k_len // BLOCK_N * BLOCK_N
+        if IS_CAUSAL:  # the block's first query sees keys up to first_row + (k_len - q_len)
+            end = tl.minimum(end, tl.maximum(first_row + k_len - q_len + 1, 0) // BLOCK_N * BLOCK_N)
+        end = tl.minimum(end, hi)
+    return end
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
-            IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Base-2 scaled scores [BLOCK_M, BLOCK_N] with every mask applied (-inf where not allowed)."""
+            IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+            MASKED: tl.constexpr):
+    """Base-2 scaled scores [BLOCK_M, BLOCK_N] with every mask applied (-inf where not allowed); a tile
+    that _unmasked_end vouches for (every key real and visible) skips the masks."""
     if FP32_DOT:
         s = tl.dot(q, k, input_precision="ieee")
     else:
         s = tl.dot(q, k)
     s = s * qk_scale
+    if not MASKED:
+        return s
     valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
@@ -77,6 +99,34 @@ def _keep(seed, b, h, H, offs_m, offs_n, q_start, rng_cols, dropout_p):
     """Dropout keep mask: a Philox stream per (sequence, head), one number per (query, key)."""
     offsets = (q_start + offs_m)[:, None] * rng_cols + offs_n[None, :]
     return tl.rand(seed + (b * H + h) * 1000003, offsets) >= dropout_p
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_start, q_len, k_len,
+              qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed, rng_cols, dropout_p,
+              HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the forward: scores, online-softmax update of (m_i, l_i), and acc += P V."""
+    cols = start_n + offs_n
+    k = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None],
+                mask=(cols[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [D, N]
+    s = _scores(q, k, offs_m, cols, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
+                IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = _keep(seed, b, h, H, offs_m, cols, q_start, rng_cols, dropout_p)
+        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+    v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :],
+                mask=(cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [N, D]
+    if FP32_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
 
 
 @triton.autotune(configs=configs("fwd"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
@@ -105,27 +155,17 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
             hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
         k_base = K + b * s_kb + h * s_kh + k_start * s_kn
         v_base = V + b * s_vb + h * s_vh + k_start * s_vn
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            k = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None],
-                        mask=(cols[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [D, N]
-            s = _scores(q, k, offs_m, cols, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm,
-                        s_mn, IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if HAS_DROPOUT:
-                keep = _keep(seed, b, h, H, offs_m, cols, q_start, rng_cols, dropout_p)
-                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :],
-                        mask=(cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [N, D]
-            if FP32_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        mid = _unmasked_end(start_m * BLOCK_M, q_len, k_len, hi, BLOCK_N, IS_CAUSAL, HAS_KPM, MASK_KIND)
+        for start_n in range(0, mid, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H,
+                                      q_start, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
+                                      s_kn, s_vn, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND,
+                                      HAS_DROPOUT, FP32_DOT, False)
+        for start_n in range(mid, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H,
+                                      q_start, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
+                                      s_kn, s_vn, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND,
+                                      HAS_DROPOUT, FP32_DOT, True)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -139,10 +179,10 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
 def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, b, h, H, q_start, q_len, k_len, qk_scale, KPM,
                        s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
                        IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr):
+                       HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
     """Recomputes the (dropped) probabilities [M, N] and dS = P ∘ (dP − delta) for one tile."""
     s = _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
-                IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT)
+                IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT, MASKED)
     p = tl.exp2(s - lse[:, None])
     if FP32_DOT:
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -155,6 +195,30 @@ def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, b, h, H, q_start
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     return p_dropped, ds
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, start_m, offs_m, offs_n, offs_d, b, h, H, q_start, q_len, k_len,
+               qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_qm, s_om, s_lm, LSE, DELTA, seed, rng_cols,
+               dropout_p, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+               MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
+    """One query block of the dK/dV pass: dV += Pᵀ dO, dK += dSᵀ Q."""
+    rows = start_m + offs_m
+    row_mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + rows[:, None] * s_qm + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(do_base + rows[:, None] * s_om + offs_d[None, :], mask=row_mask, other=0.0)
+    lse = tl.load(LSE + l_base + rows * s_lm, mask=rows < q_len, other=float("inf"))
+    delta = tl.load(DELTA + l_base + rows * s_lm, mask=rows < q_len, other=0.0)
+    p, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, rows, offs_n, b, h, H, q_start, q_len, k_len,
+                               qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
+                               IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, MASKED)
+    if FP32_DOT:
+        dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+        dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+    else:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
 
 
 @triton.autotune(configs=configs("dkdv"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
@@ -189,27 +253,49 @@ def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KEND, MASK, CU_Q, 
         q_base = Q + b * s_qb + h * s_qh + q_start * s_qm
         do_base = DO + b * s_ob + h * s_oh + q_start * s_om
         l_base = b * s_lb + h * s_lh + q_start * s_lm
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(q_base + rows[:, None] * s_qm + offs_d[None, :], mask=row_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * s_om + offs_d[None, :], mask=row_mask, other=0.0)
-            lse = tl.load(LSE + l_base + rows * s_lm, mask=rows < q_len, other=float("inf"))
-            delta = tl.load(DELTA + l_base + rows * s_lm, mask=rows < q_len, other=0.0)
-            p, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, rows, offs_n, b, h, H, q_start, q_len,
-                                       k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols,
-                                       dropout_p, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT)
-            if FP32_DOT:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        # Query blocks from mid on see every key of this block (all real): their tiles need no mask.
+        mid = hi
+        if not HAS_KPM and MASK_KIND == 0:
+            if (start_n + 1) * BLOCK_N <= k_len:
+                mid = lo
+                if IS_CAUSAL:  # the first query that sees this block's last key
+                    first = tl.maximum((start_n + 1) * BLOCK_N - 1 - (k_len - q_len), 0)
+                    mid = tl.minimum(tl.maximum(tl.cdiv(first, BLOCK_M) * BLOCK_M, lo), hi)
+        for start_m in range(lo, mid, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, start_m, offs_m, offs_n, offs_d, b, h, H,
+                                q_start, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_qm,
+                                s_om, s_lm, LSE, DELTA, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM,
+                                MASK_KIND, HAS_DROPOUT, FP32_DOT, True)
+        for start_m in range(mid, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, start_m, offs_m, offs_n, offs_d, b, h, H,
+                                q_start, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_qm,
+                                s_om, s_lm, LSE, DELTA, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM,
+                                MASK_KIND, HAS_DROPOUT, FP32_DOT, False)
         out_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
         tl.store(DK + b * s_kb + h * s_kh + (k_start + offs_n)[:, None] * s_kn + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
         tl.store(DV + b * s_vb + h * s_vh + (k_start + offs_n)[:, None] * s_vn + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_start, q_len, k_len,
+             qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed, rng_cols, dropout_p,
+             HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the dQ pass: dQ += dS K."""
+    cols = start_n + offs_n
+    kv_mask = (cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+    v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    _, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, offs_m, cols, b, h, H, q_start, q_len, k_len,
+                               qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
+                               IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, MASKED)
+    if FP32_DOT:
+        dq += tl.dot(ds, k, input_precision="ieee")
+    else:
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
 
 
 @triton.autotune(configs=configs("dq"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
@@ -242,18 +328,15 @@ def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, KEND, MASK, CU_Q, CU_K,
             hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
         k_base = K + b * s_kb + h * s_kh + k_start * s_kn
         v_base = V + b * s_vb + h * s_vh + k_start * s_vn
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            kv_mask = (cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            _, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, offs_m, cols, b, h, H, q_start, q_len,
-                                       k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols,
-                                       dropout_p, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT)
-            if FP32_DOT:
-                dq += tl.dot(ds, k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+        mid = _unmasked_end(start_m * BLOCK_M, q_len, k_len, hi, BLOCK_N, IS_CAUSAL, HAS_KPM, MASK_KIND)
+        for start_n in range(0, mid, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_start,
+                          q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed,
+                          rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, False)
+        for start_n in range(mid, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_start,
+                          q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed,
+                          rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, True)
         tl.store(DQ + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
