@@ -1,13 +1,13 @@
-"""FlashAttention-2-style Triton kernels: fused attention forward and deterministic backward, padded or varlen.
+"""FlashAttention-2-style Triton attention: the forward kernel, the masking shared with the backward, launchers.
 
 One program owns a block of queries (forward, dQ) or of keys (dK/dV) of one (sequence, head) and
 walks the other side block by block with an online softmax in base 2. Masks: key padding [B, Lk],
 bottom-right causal, a bool or additive mask with arbitrary (broadcast) strides, and varlen
 sequences through cu_seqlens. Dropout keeps p's Philox stream by (seed, sequence, head) so the
-backward regenerates the forward's mask. Rows with no key get output 0, LSE = +inf, gradient 0.
-Each walk runs in two loops: tiles whose keys are all real and visible skip the mask arithmetic, the
-rest (the causal diagonal, the last partial block, any key padding or mask) apply it; key blocks past a
-sequence's last real key are not visited at all.
+backward (attention_backward.py) regenerates the forward's mask. Rows with no key get output 0,
+LSE = +inf, gradient 0. Each walk runs in two loops: tiles whose keys are all real and visible skip
+the mask arithmetic, the rest (the causal diagonal, the last partial block, any key padding or mask)
+apply it; key blocks past a sequence's last real key are not visited at all.
 """
 
 from __future__ import annotations
@@ -176,172 +176,6 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, b, h, H, q_start, q_len, k_len, qk_scale, KPM,
-                       s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
-                       IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
-    """Recomputes the (dropped) probabilities [M, N] and dS = P ∘ (dP − delta) for one tile."""
-    s = _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
-                IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT, MASKED)
-    p = tl.exp2(s - lse[:, None])
-    if FP32_DOT:
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    else:
-        dp = tl.dot(do, tl.trans(v))
-    p_dropped = p
-    if HAS_DROPOUT:
-        keep = _keep(seed, b, h, H, offs_m, offs_n, q_start, rng_cols, dropout_p)
-        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-    ds = p * (dp - delta[:, None])
-    return p_dropped, ds
-
-
-@triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, start_m, offs_m, offs_n, offs_d, b, h, H, q_start, q_len, k_len,
-               qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_qm, s_om, s_lm, LSE, DELTA, seed, rng_cols,
-               dropout_p, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-               MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
-    """One query block of the dK/dV pass: dV += Pᵀ dO, dK += dSᵀ Q."""
-    rows = start_m + offs_m
-    row_mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + rows[:, None] * s_qm + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(do_base + rows[:, None] * s_om + offs_d[None, :], mask=row_mask, other=0.0)
-    lse = tl.load(LSE + l_base + rows * s_lm, mask=rows < q_len, other=float("inf"))
-    delta = tl.load(DELTA + l_base + rows * s_lm, mask=rows < q_len, other=0.0)
-    p, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, rows, offs_n, b, h, H, q_start, q_len, k_len,
-                               qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
-                               IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, MASKED)
-    if FP32_DOT:
-        dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-        dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-    else:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    return dk, dv
-
-
-@triton.autotune(configs=configs("dkdv"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
-@triton.jit
-def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KEND, MASK, CU_Q, CU_K,
-                        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
-                        s_kpm_b, s_mb, s_mh, s_mm, s_mn,
-                        H, LQ, LK, sm_scale, dropout_p, seed, rng_cols, TUNE_LQ, TUNE_LK,
-                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                        HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr,
-                        HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0)
-    b, h, q_start, k_start, q_len, k_len = _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN)
-    if start_n * BLOCK_N < k_len:
-        offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D_PAD)
-        kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + b * s_kb + h * s_kh + (k_start + offs_n)[:, None] * s_kn + offs_d[None, :], mask=kv_mask,
-                    other=0.0)  # [N, D]
-        v = tl.load(V + b * s_vb + h * s_vh + (k_start + offs_n)[:, None] * s_vn + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
-        lo = 0
-        if IS_CAUSAL:  # queries before the first one that sees this block's first key contribute nothing
-            lo = tl.maximum(start_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
-        # A block of padding keys only: no query reads it, so its dK and dV stay 0.
-        hi = tl.where(start_n * BLOCK_N < _key_stop(KEND, b, k_len, HAS_KPM), q_len, lo)
-        q_base = Q + b * s_qb + h * s_qh + q_start * s_qm
-        do_base = DO + b * s_ob + h * s_oh + q_start * s_om
-        l_base = b * s_lb + h * s_lh + q_start * s_lm
-        # Query blocks from mid on see every key of this block (all real): their tiles need no mask.
-        mid = hi
-        if not HAS_KPM and MASK_KIND == 0:
-            if (start_n + 1) * BLOCK_N <= k_len:
-                mid = lo
-                if IS_CAUSAL:  # the first query that sees this block's last key
-                    first = tl.maximum((start_n + 1) * BLOCK_N - 1 - (k_len - q_len), 0)
-                    mid = tl.minimum(tl.maximum(tl.cdiv(first, BLOCK_M) * BLOCK_M, lo), hi)
-        for start_m in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, start_m, offs_m, offs_n, offs_d, b, h, H,
-                                q_start, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_qm,
-                                s_om, s_lm, LSE, DELTA, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM,
-                                MASK_KIND, HAS_DROPOUT, FP32_DOT, True)
-        for start_m in range(mid, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, start_m, offs_m, offs_n, offs_d, b, h, H,
-                                q_start, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_qm,
-                                s_om, s_lm, LSE, DELTA, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM,
-                                MASK_KIND, HAS_DROPOUT, FP32_DOT, False)
-        out_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-        tl.store(DK + b * s_kb + h * s_kh + (k_start + offs_n)[:, None] * s_kn + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
-        tl.store(DV + b * s_vb + h * s_vh + (k_start + offs_n)[:, None] * s_vn + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_start, q_len, k_len,
-             qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed, rng_cols, dropout_p,
-             HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-             HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
-    """One key block of the dQ pass: dQ += dS K."""
-    cols = start_n + offs_n
-    kv_mask = (cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-    v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    _, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, offs_m, cols, b, h, H, q_start, q_len, k_len,
-                               qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
-                               IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, MASKED)
-    if FP32_DOT:
-        dq += tl.dot(ds, k, input_precision="ieee")
-    else:
-        dq += tl.dot(ds.to(k.dtype), k)
-    return dq
-
-
-@triton.autotune(configs=configs("dq"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
-@triton.jit
-def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, KEND, MASK, CU_Q, CU_K,
-                      s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
-                      s_kpm_b, s_mb, s_mh, s_mm, s_mn,
-                      H, LQ, LK, sm_scale, dropout_p, seed, rng_cols, TUNE_LQ, TUNE_LK,
-                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                      MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                      FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
-    b, h, q_start, k_start, q_len, k_len = _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN)
-    if start_m * BLOCK_M < q_len:
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D_PAD)
-        row_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :], mask=row_mask,
-                    other=0.0)
-        do = tl.load(DO + b * s_ob + h * s_oh + (q_start + offs_m)[:, None] * s_om + offs_d[None, :],
-                     mask=row_mask, other=0.0)
-        l_ptrs = b * s_lb + h * s_lh + (q_start + offs_m) * s_lm
-        lse = tl.load(LSE + l_ptrs, mask=offs_m < q_len, other=float("inf"))
-        delta = tl.load(DELTA + l_ptrs, mask=offs_m < q_len, other=0.0)
-        dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
-        hi = _key_stop(KEND, b, k_len, HAS_KPM)
-        if IS_CAUSAL:
-            hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
-        k_base = K + b * s_kb + h * s_kh + k_start * s_kn
-        v_base = V + b * s_vb + h * s_vh + k_start * s_vn
-        mid = _unmasked_end(start_m * BLOCK_M, q_len, k_len, hi, BLOCK_N, IS_CAUSAL, HAS_KPM, MASK_KIND)
-        for start_n in range(0, mid, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_start,
-                          q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed,
-                          rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, False)
-        for start_n in range(mid, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_start,
-                          q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed,
-                          rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, True)
-        tl.store(DQ + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :],
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit
 def _dropout_keep_kernel(OUT, H, LQ, LK, seed, rng_cols, dropout_p, BLOCK: tl.constexpr):
     """Writes the forward's keep mask for a padded [B, H, LQ, LK] problem (tests and the reference)."""
     bh = tl.program_id(1)
@@ -439,28 +273,6 @@ def forward(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, ma
     grid = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)
     _attention_fwd[grid](problem.q, problem.k, problem.v, out, lse, **problem.common_args(out, lse))
     return out, lse
-
-
-def backward(do, q, k, v, out, lse, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-             max_seqlen_k, causal, scale, dropout_p, seed):
-    """Returns (dq, dk, dv): a delta preprocess, then a dK/dV pass and a dQ pass, without atomics."""
-    problem = Problem(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      causal, scale, dropout_p, seed)
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    # The gradients are written with the strides of q, k and v: give them exactly those strides.
-    dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                  for t in (problem.q, problem.k, problem.v))
-    if problem.q.numel() == 0 or problem.k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = (do.float() * out.float()).sum(-1)  # [B, H, Lq] or [total_q, H], like lse
-    if delta.stride() != lse.stride():
-        delta = delta.contiguous()
-    args = problem.common_args(do, lse)
-    grid_kv = lambda meta: (triton.cdiv(problem.LK, meta["BLOCK_N"]), problem.B * problem.H)
-    _attention_bwd_dkdv[grid_kv](problem.q, problem.k, problem.v, do, lse, delta, dk, dv, **args)
-    grid_q = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)
-    _attention_bwd_dq[grid_q](problem.q, problem.k, problem.v, do, lse, delta, dq, **args)
-    return dq, dk, dv
 
 
 def dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, device) -> torch.Tensor:

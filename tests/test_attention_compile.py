@@ -19,12 +19,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from e2evlp.kernels import attention as A
+from e2evlp.kernels import attention_backward as AB
 from e2evlp.kernels import attention_configs as C
 
 POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "KPM": "*u8", "KEND": "*i32",
            "MASK": "*u8"}
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-KERNELS = {"fwd": A._attention_fwd, "dkdv": A._attention_bwd_dkdv, "dq": A._attention_bwd_dq}
+KERNELS = {"fwd": A._attention_fwd, "dkdv": AB._attention_bwd_dkdv, "dq": AB._attention_bwd_dq}
 
 
 def compile_pass(kernel_pass, arch, dtype, config, **flags):

@@ -190,9 +190,9 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                         cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
                         max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
                         seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from e2evlp.kernels import attention as kernels
+    from e2evlp.kernels.attention_backward import backward
 
-    return kernels.backward(grad_out, q, k, v, out, lse, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
+    return backward(grad_out, q, k, v, out, lse, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
                             max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed)
 
 
