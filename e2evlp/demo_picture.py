@@ -11,7 +11,7 @@ from e2evlp.data.collate import pad_images
 from e2evlp.data.readers import load_image
 from e2evlp.eval.evaluate import detections_from_outputs
 from e2evlp.io import atomic_write
-from e2evlp.train.recipes import captioner_of, coco_records, image_transforms
+from e2evlp.train.recipes import captioner_of, image_transforms, pretraining_records
 
 SCALE = 3
 CAPTION_HEIGHT = 40
@@ -25,7 +25,7 @@ def draw_predictions(model, config: dict, tokenizer, summary: dict, path: str | 
     """Draws the first `num_images` validation images with boxes scoring ≥ `min_score` and greedy captions."""
     model.eval()
     device = next(model.parameters()).device
-    captions, detections = coco_records(config["data"], "val")
+    captions, detections = pretraining_records(config["data"], "val")
     records = captions[:num_images]
     transforms = image_transforms(config, train=False)
     images = [transforms({"image": load_image(r.image_path), "boxes": torch.zeros(0, 4)})["image"] for r in records]

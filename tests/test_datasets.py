@@ -220,7 +220,7 @@ def test_caption_dataset_per_caption_and_per_image(data):
 
 
 def test_bad_arguments_are_named(data):
-    with pytest.raises(ValueError, match="image_id"):
+    with pytest.raises(ValueError, match="appears in more than one record"):
         PretrainingDataset(data["captions"], data["detections"] * 2)
     with pytest.raises(ValueError, match="captions"):
         PretrainingDataset([dataclasses.replace(data["captions"][0], captions=[])])

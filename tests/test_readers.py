@@ -14,12 +14,14 @@ from e2evlp.data.readers import (
     KarpathyReader,
     NLVR2Reader,
     VisualGenomeReader,
+    VisualGenomeRegionsReader,
     VQAReader,
     answer_scores,
     build_answer_vocab,
     coco_image_paths,
     load_image,
     normalize_answer,
+    read_vocab,
 )
 
 
@@ -248,6 +250,41 @@ def test_visual_genome_bad_records(tmp_path):
     clean = write_json(tmp_path / "objects_ok.json", [{"image_id": 2, "objects": []}, {"image_id": 1, "objects": []}])
     with pytest.raises(DataError, match=r"objects_ok\.json: record #1 \(image_id=1\): missing image file.*1\.jpg"):
         VisualGenomeReader(tmp_path, ["tree"], [], check_images=True).read(clean, None, files[2])
+
+
+def test_visual_genome_vocab_synonyms_and_files(tmp_path):
+    vocab_file = tmp_path / "objects_vocab.txt"
+    vocab_file.write_text("man\nstop sign,stopsign\n\ntree\n")
+    vocab = read_vocab(vocab_file)
+    assert vocab == ["man", "stop sign,stopsign", "tree"]
+    objects = [{"image_id": 1, "objects": [
+        {"object_id": 11, "x": 10, "y": 5, "w": 20, "h": 10, "names": ["StopSign"]},
+        {"object_id": 12, "x": 0, "y": 0, "w": 100, "h": 50, "names": ["stop  sign"]}]}, {"image_id": 2, "objects": []}]
+    one, _ = VisualGenomeReader(tmp_path, vocab, []).read(*vg_files(tmp_path, objects))
+    assert one.labels == [1, 1]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(DataError, match=r"empty\.txt: empty vocabulary"):
+        read_vocab(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match="missing.txt: file not found"):
+        read_vocab(tmp_path / "missing.txt")
+
+
+def test_visual_genome_region_phrases_become_captions(tmp_path):
+    _, _, image_data = vg_files(tmp_path, [])
+    regions = [
+        {"id": 1, "regions": [{"region_id": 1, "image_id": 1, "phrase": " a tall  tree "},
+                              {"region_id": 2, "image_id": 1, "phrase": "A tall tree"},
+                              {"region_id": 3, "image_id": 1, "phrase": "blue sky"}]},
+        {"id": 2, "regions": [{"region_id": 4, "image_id": 2, "phrase": "  "}]},
+    ]
+    reader = VisualGenomeRegionsReader(tmp_path / "vg")
+    (record,) = reader.read(write_json(tmp_path / "regions.json", regions), image_data)
+    assert record.image_id == 1 and record.image_path == tmp_path / "vg" / "1.jpg"
+    assert record.captions == ["a tall tree", "blue sky"] and (record.width, record.height) == (100, 50)
+    assert reader.dropped == {"image without a region phrase": 1}
+    unknown = write_json(tmp_path / "unknown.json", [{"id": 7, "regions": []}])
+    with pytest.raises(DataError, match=r"unknown\.json: record #0 \(id=7\): unknown image id"):
+        reader.read(unknown, image_data)
 
 
 # ---------------------------------------------------------------- VQA v2

@@ -154,8 +154,9 @@ class _CaptionPairs(SeededDataset):
 
 
 class PretrainingDataset(_CaptionPairs):
-    """One item per (image, caption) pair, with the image's boxes joined from ``detections`` by image_id (an
-    image without detection annotations gets no boxes). Items are PretrainingCollator's samples:
+    """One item per (image, caption) pair, with the image's boxes joined from ``detections`` by image file (an
+    image without detection annotations gets no boxes; joining by file keeps sources whose image ids overlap,
+    such as COCO and Visual Genome, apart). Items are PretrainingCollator's samples:
     {"image" [3, H, W], "text", "boxes" [T, 4] cxcywh, "labels" [T], "attributes" [T] (-1 none), "image_id",
     "seed"}."""
 
@@ -163,19 +164,25 @@ class PretrainingDataset(_CaptionPairs):
                  transforms: Transforms | None = None, seed: int = 0):
         super().__init__(transforms, seed)
         self.records = list(captions)
-        self.detections: dict[int, DetectionRecord] = {}
+        self.detections: dict[Path, DetectionRecord] = {}
         for record in detections or ():
-            if record.image_id in self.detections:
-                raise ValueError(f"detections: image_id {record.image_id} appears in more than one record")
-            self.detections[record.image_id] = record
+            if record.image_path in self.detections:
+                raise ValueError(f"detections: image {record.image_path} appears in more than one record")
+            self.detections[record.image_path] = record
         self.pairs = _caption_pairs(self.records)
         if not self.pairs:
             raise ValueError(f"captions: none of the {len(self.records)} records has a caption")
 
+    def label_bounds(self) -> tuple[int, int]:
+        """(1 + the largest class index, 1 + the largest attribute index) over the joined boxes."""
+        labels = [label for record in self.detections.values() for label in record.labels]
+        attributes = [a for record in self.detections.values() for a in record.attributes]
+        return max(labels, default=-1) + 1, max(attributes, default=-1) + 1
+
     def __getitem__(self, index: int) -> dict:
         index = self._check_index(index)
         record, caption_index = self._pair(index)
-        detection = self.detections.get(record.image_id)
+        detection = self.detections.get(record.image_path)
         boxes, labels, attributes = ([], [], []) if detection is None else \
             (detection.boxes, detection.labels, detection.attributes)
         sample = {"image": self.load(record.image_path), "text": record.captions[caption_index],

@@ -10,7 +10,7 @@ from .readers_coco import (
     KarpathyRecord,
 )
 from .readers_nlvr2 import NLVR2Reader, NLVR2Record
-from .readers_vg import VisualGenomeReader
+from .readers_vg import VisualGenomeReader, VisualGenomeRegionsReader, read_vocab
 from .readers_vqa import (
     VQAReader,
     VQARecord,
@@ -35,12 +35,14 @@ __all__ = [
     "VQAReader",
     "VQARecord",
     "VisualGenomeReader",
+    "VisualGenomeRegionsReader",
     "answer_scores",
     "build_answer_vocab",
     "coco_image_paths",
     "load_image",
     "normalize_answer",
     "read_json",
+    "read_vocab",
     "soft_target",
     "xywh_to_cxcywh",
 ]

@@ -1,4 +1,4 @@
-"""Reader for Visual Genome objects.json, attributes.json and image_data.json."""
+"""Readers for Visual Genome: objects.json + attributes.json (boxes), region_descriptions.json (captions)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ from pathlib import Path
 
 from .readers_base import (
     BadRecord,
+    DataError,
     Reader,
     image_size,
     int_field,
     list_field,
     number_field,
     read_json,
+    str_field,
     top_level,
     xywh_to_cxcywh,
 )
-from .readers_coco import DetectionRecord
+from .readers_coco import CaptionRecord, DetectionRecord
 
 
 def _clean(name: object) -> str:
@@ -26,6 +28,25 @@ def _clean(name: object) -> str:
 def _first_in(names: list, index: dict[str, int]) -> int:
     """Index of the first name found in the vocabulary, -1 when none is."""
     return next((index[_clean(n)] for n in names if _clean(n) in index), -1)
+
+
+def _vocab_index(vocab: list[str]) -> dict[str, int]:
+    """Name → entry index; an entry may list synonyms separated by commas ("stop sign,stopsign")."""
+    return {_clean(name): i for i, entry in enumerate(vocab) for name in entry.split(",") if _clean(name)}
+
+
+def read_vocab(path: str | Path) -> list[str]:
+    """A vocabulary file, one class per line (bottom-up attention's objects_vocab.txt / attributes_vocab.txt
+    layout: synonyms separated by commas); blank lines are not classes."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: file not found") from err
+    vocab = [line.strip() for line in lines if line.strip()]
+    if not vocab:
+        raise DataError(f"{path}: empty vocabulary")
+    return vocab
 
 
 class VisualGenomeReader(Reader):
@@ -47,14 +68,14 @@ class VisualGenomeReader(Reader):
         super().__init__(check_images=check_images, skip_bad=skip_bad)
         self.image_root = Path(image_root)
         self.object_vocab, self.attribute_vocab = list(object_vocab), list(attribute_vocab)
-        self._object_index = {_clean(n): i for i, n in enumerate(self.object_vocab)}
-        self._attribute_index = {_clean(n): i for i, n in enumerate(self.attribute_vocab)}
+        self._object_index = _vocab_index(self.object_vocab)
+        self._attribute_index = _vocab_index(self.attribute_vocab)
 
     def read(
         self, objects_file: str | Path, attributes_file: str | Path | None, image_data_file: str | Path
     ) -> list[DetectionRecord]:
         """Records for the images in objects_file; attributes_file=None gives every box attribute -1."""
-        sizes = self._sizes(Path(image_data_file))
+        sizes = _image_sizes(self, Path(image_data_file))
         attributes = self._attributes(Path(attributes_file), sizes) if attributes_file is not None else {}
         path = Path(objects_file)
 
@@ -64,11 +85,6 @@ class VisualGenomeReader(Reader):
 
         records = self.parse_all(path, top_level(read_json(path), path), parse)
         return self.readable(path, records, lambda r: [r.image_path])
-
-    def _sizes(self, path: Path) -> dict[int, tuple[int, int]]:
-        """image id → (width, height) from image_data.json."""
-        items = top_level(read_json(path), path)
-        return dict(self.parse_all(path, items, lambda item: (int_field(item, "image_id"), image_size(item))))
 
     def _attributes(self, path: Path, sizes: dict) -> dict[int, dict[int, int]]:
         """image id → object id → attribute index (or -1) from attributes.json."""
@@ -100,6 +116,44 @@ class VisualGenomeReader(Reader):
                 record.labels.append(label)
                 record.attributes.append(attributes.get(object_id, -1))
         return record
+
+
+class VisualGenomeRegionsReader(Reader):
+    """Reads region_descriptions.json into CaptionRecords: an image's region phrases are its captions
+    (stripped, exact repeats dropped, case-insensitively; images with no phrase left are dropped)."""
+
+    def __init__(self, image_root: str | Path, *, check_images: bool = False, skip_bad: bool = False) -> None:
+        super().__init__(check_images=check_images, skip_bad=skip_bad)
+        self.image_root = Path(image_root)
+
+    def read(self, regions_file: str | Path, image_data_file: str | Path) -> list[CaptionRecord]:
+        sizes = _image_sizes(self, Path(image_data_file))
+        path = Path(regions_file)
+
+        def parse(item: dict) -> CaptionRecord | None:
+            image_id = int_field(item, "id" if "id" in item else "image_id")  # the file's own key is "id"
+            if image_id not in sizes:
+                raise BadRecord("unknown image id", f"{image_id} is not in image_data.json")
+            phrases, seen = [], set()
+            for region in list_field(item, "regions"):
+                phrase = " ".join(str_field(region, "phrase").split())
+                if phrase and _clean(phrase) not in seen:
+                    seen.add(_clean(phrase))
+                    phrases.append(phrase)
+            if not phrases:
+                self.dropped["image without a region phrase"] += 1
+                return None
+            width, height = sizes[image_id]
+            return CaptionRecord(image_id, self.image_root / f"{image_id}.jpg", width, height, phrases)
+
+        records = [r for r in self.parse_all(path, top_level(read_json(path), path), parse) if r is not None]
+        return self.readable(path, records, lambda r: [r.image_path])
+
+
+def _image_sizes(reader: Reader, path: Path) -> dict[int, tuple[int, int]]:
+    """image id → (width, height) from image_data.json."""
+    items = top_level(read_json(path), path)
+    return dict(reader.parse_all(path, items, lambda item: (int_field(item, "image_id"), image_size(item))))
 
 
 def _known(sizes: dict, item: dict) -> int:

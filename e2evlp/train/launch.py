@@ -19,6 +19,7 @@ from e2evlp.train.recipes import (
     build_dataset,
     build_model,
     captioner_of,
+    check_detection_labels,
     default_device,
     evaluate_task,
     image_transforms,
@@ -53,6 +54,7 @@ def train(task: str, config: dict) -> dict:
         fields["num_answers"] = len(answers)
     model = build_model(task, config, tokenizer, **fields)
     dataset = build_dataset(task, config, "train", train=True, answers=answers, seed=seed)
+    check_detection_labels(dataset, model.config)
     collator = build_collator(task, model.config, tokenizer, train=True, seed=seed)
     loader = train_loader(dataset, collator, config, seed=seed, num_replicas=distributed.world_size(),
                           rank=distributed.rank(), pin_memory=device.type == "cuda")

@@ -16,9 +16,12 @@ from e2evlp.data.readers import (
     CocoInstancesReader,
     KarpathyReader,
     NLVR2Reader,
+    VisualGenomeReader,
+    VisualGenomeRegionsReader,
     VQAReader,
     build_answer_vocab,
     coco_image_paths,
+    read_vocab,
 )
 from e2evlp.data.task_collate import CaptionCollator, NLVR2Collator, VQACollator
 from e2evlp.data.transforms import eval_transforms, train_transforms
@@ -114,15 +117,58 @@ def answer_vocab(config: dict, num_answers: int) -> list[str]:
     return build_answer_vocab(files, top_k=num_answers)
 
 
-def coco_records(data: dict, split: str) -> tuple[list, list]:
-    """(caption records, detection records) of `split`'s COCO-format sources {images, captions, instances}."""
+def pretraining_records(data: dict, split: str) -> tuple[list, list]:
+    """(caption records, detection records) of `split`'s sources, each either COCO-format
+    {images, captions, instances} or Visual Genome {images, image_data, regions, objects, attributes,
+    object_vocab, attribute_vocab}. Detection labels must come from one vocabulary across the sources."""
     skip_bad = bool(data.get("skip_bad", False))
-    captions, detections = [], []
+    captions, detections, label_spaces = [], [], set()
     for source in _sources(data, split):
-        captions += CocoCaptionsReader(source["images"], skip_bad=skip_bad).read(source["captions"])
-        if source.get("instances"):
-            detections += CocoInstancesReader(source["images"], skip_bad=skip_bad).read(source["instances"])
+        if "regions" in source or "objects" in source:
+            source_captions, source_detections, space = _visual_genome_records(source, skip_bad)
+        else:
+            source_captions = CocoCaptionsReader(source["images"], skip_bad=skip_bad).read(source["captions"])
+            source_detections, space = [], None
+            if source.get("instances"):
+                source_detections = CocoInstancesReader(source["images"], skip_bad=skip_bad).read(source["instances"])
+                space = "COCO instances (their categories)"
+        captions += source_captions
+        detections += source_detections
+        label_spaces |= {space} - {None}
+    if len(label_spaces) > 1:
+        raise ValueError(f"data.{split} mixes detection vocabularies ({'; '.join(sorted(label_spaces))}): class "
+                         f"indices of different vocabularies mean different things, use one")
     return captions, detections
+
+
+def _visual_genome_records(source: dict, skip_bad: bool) -> tuple[list, list, str | None]:
+    """Region phrases as captions and, with ``objects``, boxes labelled by ``object_vocab``."""
+    for key in ("images", "image_data", "regions"):
+        if not source.get(key):
+            raise ValueError(f"a Visual Genome source needs '{key}' (it has {sorted(source)})")
+    captions = VisualGenomeRegionsReader(source["images"], skip_bad=skip_bad).read(source["regions"],
+                                                                                  source["image_data"])
+    if not source.get("objects"):
+        return captions, [], None
+    if not source.get("object_vocab"):
+        raise ValueError("a Visual Genome source with 'objects' needs 'object_vocab' (one class per line, "
+                         "e.g. bottom-up attention's objects_vocab.txt)")
+    attribute_vocab = read_vocab(source["attribute_vocab"]) if source.get("attribute_vocab") else []
+    reader = VisualGenomeReader(source["images"], read_vocab(source["object_vocab"]), attribute_vocab,
+                                skip_bad=skip_bad)
+    detections = reader.read(source["objects"], source.get("attributes"), source["image_data"])
+    return captions, detections, f"Visual Genome {Path(source['object_vocab']).resolve()}"
+
+
+def check_detection_labels(dataset, model_config: E2EVLPConfig) -> None:
+    """Every box's class and attribute index must exist in the model's heads (else CUDA would assert)."""
+    if not isinstance(dataset, PretrainingDataset):
+        return
+    classes, attributes = dataset.label_bounds()
+    if classes > model_config.num_classes or attributes > model_config.num_attributes:
+        raise ValueError(f"the detection data uses {classes} classes and {attributes} attributes but the model has "
+                         f"num_classes={model_config.num_classes} and num_attributes={model_config.num_attributes}: "
+                         f"set model.config.num_classes and num_attributes to the vocabulary sizes")
 
 
 def build_dataset(task: str, config: dict, split: str, *, train: bool, answers: list[str] | None = None,
@@ -140,7 +186,7 @@ def _dataset(task: str, config: dict, split: str, *, train: bool, answers: list[
     data, skip_bad = config["data"], bool(config["data"].get("skip_bad", False))
     transforms = image_transforms(config, train)
     if task in ("pretrain", "detection"):
-        return PretrainingDataset(*coco_records(data, split), transforms, seed=seed)
+        return PretrainingDataset(*pretraining_records(data, split), transforms, seed=seed)
     if task == "vqa":
         records = []
         for source in _sources(data, split):
@@ -221,11 +267,12 @@ def evaluate_task(task: str, model: nn.Module, config: dict, split: str, tokeniz
     model_config = model.config
     beams = num_beams or config["eval"].get("num_beams", 1)
     if task in ("pretrain", "detection"):
-        captions, detections = coco_records(config["data"], split)
+        captions, detections = pretraining_records(config["data"], split)
         transforms = image_transforms(config, train=False)
         collator = build_collator(task, model_config, tokenizer, train=False)
-        metrics = evaluate_pretraining(model, eval_loader(PretrainingDataset(captions, detections, transforms),
-                                                          collator, config))
+        dataset = PretrainingDataset(captions, detections, transforms)
+        check_detection_labels(dataset, model_config)
+        metrics = evaluate_pretraining(model, eval_loader(dataset, collator, config))
         if task == "detection":
             return {key: value for key, value in metrics.items() if key.startswith("det_")}
         per_image = CaptionDataset(captions, transforms, per_caption=False)
