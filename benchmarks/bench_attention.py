@@ -353,15 +353,33 @@ def backward_only(run: Runner) -> Callable[[], object]:
     return lambda: torch.autograd.grad(out, run.leaves, run.dout, retain_graph=True)
 
 
+def tuned_configs(run: Runner) -> dict[str, str]:
+    """The block sizes, warps and stages autotuning chose for each Triton kernel on this case's shapes."""
+    from e2evlp.kernels.attention import _attention_fwd
+    from e2evlp.kernels.attention_backward import _attention_bwd_dkdv, _attention_bwd_dq
+
+    forward_backward(run)  # the kernels' best_config is the one of their latest call
+    chosen = {}
+    for kernel_pass, kernel in (("fwd", _attention_fwd), ("dkdv", _attention_bwd_dkdv), ("dq", _attention_bwd_dq)):
+        config = kernel.best_config
+        chosen[kernel_pass] = (f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} "
+                               f"s{config.num_stages}")
+    return chosen
+
+
 def time_passes(case: Case, found: dict[str, Runner], device: torch.device, dtype: torch.dtype, env: dict,
                 warmup: int, repeat: int) -> list[dict]:
     records = []
+    # On CUDA, e2evlp's records name the configs its kernels were tuned to (checked on a new GPU generation).
+    configs = {name: tuned_configs(run) for name, run in found.items()
+               if name.startswith("e2evlp") and device.type == "cuda"}
 
     def record(pass_: str, timing: dict[str, dict]) -> None:
         for name, t in timing.items():
             tflops = float(f"{case.flops(pass_) / t['ms'] / 1e9:.4g}")
+            extra = {"kernel_configs": configs[name]} if name in configs else {}
             records.append(make_record(BENCH, name, case.name, t, device=device, pass_=pass_,
-                                       tflops=tflops, dtype=str(dtype).removeprefix("torch."), env=env))
+                                       tflops=tflops, dtype=str(dtype).removeprefix("torch."), env=env, **extra))
 
     record("fwd", time_interleaved(dict(found), device, warmup=warmup, repeat=repeat))
     backward = {name: backward_only(run) for name, run in found.items()}
