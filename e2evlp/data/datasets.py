@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -130,26 +131,31 @@ class SeededDataset(Dataset):
         return list(self._sizes)
 
 
-def _caption_pairs(records: Sequence[CaptionRecord | KarpathyRecord]) -> list[tuple[int, int]]:
-    """(record index, caption index) of every caption."""
-    return [(r, c) for r, record in enumerate(records) for c in range(len(record.captions))]
+def _caption_pairs(records: Sequence[CaptionRecord | KarpathyRecord], per_caption: bool = True) -> np.ndarray:
+    """(record index, caption index) of every caption (of each record's first caption when not per_caption),
+    int64 [N, 2]. One array rather than N tuples: DataLoader workers touch every Python object they read,
+    which copies it into each worker (millions of pairs with Visual Genome's region phrases)."""
+    counts = np.array([len(r.captions) if per_caption else 1 for r in records], dtype=np.int64)
+    record_index = np.repeat(np.arange(len(records), dtype=np.int64), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([record_index, np.arange(len(record_index), dtype=np.int64) - first], axis=1)
 
 
 class _CaptionPairs(SeededDataset):
     """Items are (record, caption) pairs: ``self.pairs`` holds (record index, caption index)."""
 
     records: list
-    pairs: list[tuple[int, int]]
+    pairs: np.ndarray  # int64 [N, 2]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _item_size(self, index: int) -> tuple[int, int]:
-        return self._record_size(self.records[self.pairs[index][0]])
+        return self._record_size(self.records[int(self.pairs[index, 0])])
 
     def _pair(self, index: int):
         """(record, caption index) of item `index` (already checked)."""
-        record_index, caption_index = self.pairs[index]
+        record_index, caption_index = self.pairs[index].tolist()
         return self.records[record_index], caption_index
 
 
@@ -170,7 +176,7 @@ class PretrainingDataset(_CaptionPairs):
                 raise ValueError(f"detections: image {record.image_path} appears in more than one record")
             self.detections[record.image_path] = record
         self.pairs = _caption_pairs(self.records)
-        if not self.pairs:
+        if len(self.pairs) == 0:
             raise ValueError(f"captions: none of the {len(self.records)} records has a caption")
 
     def label_bounds(self) -> tuple[int, int]:
@@ -308,7 +314,7 @@ class CaptionDataset(_CaptionPairs):
                  transforms: Transforms | None = None, seed: int = 0, per_caption: bool = True):
         super().__init__(transforms, seed)
         self.records, self.per_caption = list(records), per_caption
-        self.pairs = _caption_pairs(self.records) if per_caption else [(r, 0) for r in range(len(self.records))]
+        self.pairs = _caption_pairs(self.records, per_caption)
 
     def __getitem__(self, index: int) -> dict:
         index = self._check_index(index)
