@@ -159,6 +159,9 @@ class _CaptionPairs(SeededDataset):
         return self.records[record_index], caption_index
 
 
+_NO_BOXES = (np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+
 class PretrainingDataset(_CaptionPairs):
     """One item per (image, caption) pair, with the image's boxes joined from ``detections`` by image file (an
     image without detection annotations gets no boxes; joining by file keeps sources whose image ids overlap,
@@ -170,31 +173,35 @@ class PretrainingDataset(_CaptionPairs):
                  transforms: Transforms | None = None, seed: int = 0):
         super().__init__(transforms, seed)
         self.records = list(captions)
-        self.detections: dict[Path, DetectionRecord] = {}
+        # image file → (boxes [T, 4] float32 cxcywh, labels [T] int64, attributes [T] int64): arrays rather than
+        # lists of floats, so the workers do not each copy millions of Python numbers.
+        self.detections: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for record in detections or ():
             if record.image_path in self.detections:
                 raise ValueError(f"detections: image {record.image_path} appears in more than one record")
-            self.detections[record.image_path] = record
+            self.detections[record.image_path] = (np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4),
+                                                  np.asarray(record.labels, dtype=np.int64),
+                                                  np.asarray(record.attributes, dtype=np.int64))
         self.pairs = _caption_pairs(self.records)
         if len(self.pairs) == 0:
             raise ValueError(f"captions: none of the {len(self.records)} records has a caption")
 
     def label_bounds(self) -> tuple[int, int]:
         """(1 + the largest class index, 1 + the largest attribute index) over the joined boxes."""
-        labels = [label for record in self.detections.values() for label in record.labels]
-        attributes = [a for record in self.detections.values() for a in record.attributes]
-        return max(labels, default=-1) + 1, max(attributes, default=-1) + 1
+        def bound(arrays) -> int:
+            return max((int(a.max()) + 1 for a in arrays if a.size), default=0)
+
+        return (bound(labels for _, labels, _ in self.detections.values()),
+                bound(attributes for _, _, attributes in self.detections.values()))
 
     def __getitem__(self, index: int) -> dict:
         index = self._check_index(index)
         record, caption_index = self._pair(index)
-        detection = self.detections.get(record.image_path)
-        boxes, labels, attributes = ([], [], []) if detection is None else \
-            (detection.boxes, detection.labels, detection.attributes)
+        boxes, labels, attributes = self.detections.get(record.image_path, _NO_BOXES)
         sample = {"image": self.load(record.image_path), "text": record.captions[caption_index],
-                  "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),  # [T, 4] cxcywh
-                  "labels": torch.tensor(labels, dtype=torch.long),  # [T]
-                  "attributes": torch.tensor(attributes, dtype=torch.long),  # [T]
+                  "boxes": torch.tensor(boxes),  # [T, 4] cxcywh
+                  "labels": torch.tensor(labels),  # [T]
+                  "attributes": torch.tensor(attributes),  # [T]
                   "image_id": record.image_id}
         return self._finish(sample, index)
 
