@@ -1,10 +1,11 @@
 """Autotuning configs of the attention kernels: candidates per GPU generation, pruned to fit shared memory.
 
 Each pass (forward, dK/dV, dQ) has candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU generation
-(compute capability major: 8 = A100, 9 = H100/H200). At a call, the autotuner keeps the running GPU's
-candidates whose tiles fit its shared memory at this head dim and dtype, then times them once per shape
-bucket. The shared-memory model below was fitted to what Triton's compiler allocates for these kernels
-on sm_80 and sm_90 (tests/test_attention_compile.py checks it); a fallback config that always fits is
+(compute capability major: 8 = Ampere and Ada, 9 = H100/H200). At a call, the autotuner keeps the running
+GPU's candidates whose tiles fit its shared memory (the device's own opt-in limit: 227 KiB on H100, 163 KiB
+on A100, 99 KiB on A10/A40/RTX 30-40) at this head dim and dtype, then times them once per shape bucket.
+The shared-memory model below was fitted to what Triton's compiler allocates for these kernels on sm_80
+and sm_90 (tests/test_attention_compile.py checks it); a fallback config that fits every supported GPU is
 added whenever no candidate is sure to.
 """
 
@@ -26,9 +27,9 @@ CANDIDATES = {
     "dq": {8: [(128, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
            9: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]},
 }
-# Small enough for head dim 256 in float32 on either generation.
-FALLBACK = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-SHARED_MEMORY_BYTES = {8: 163 * 1024, 9: 227 * 1024}  # the opt-in maximum per block
+# Small enough for head dim 256 in float32 within the smallest opt-in limit of the GPUs we support.
+FALLBACK = {"fwd": (32, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
+SMALLEST_SHARED_MEMORY = 99 * 1024  # sm_86 / sm_89 (A10, A40, L4, RTX 30/40 series)
 # [rows, D] tiles a program keeps resident and streams: forward q | k, v; dK/dV k, v | q, dO; dQ q, dO | k, v.
 TILES = {"fwd": (1, 2), "dkdv": (2, 2), "dq": (2, 2)}
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
@@ -55,19 +56,22 @@ def fallback(kernel_pass: str, major: int) -> triton.Config:
 def shared_bytes(config: triton.Config, d_pad: int, element_size: int, major: int) -> tuple[int, int]:
     """(estimate, bound) of the shared memory Triton allocates for a config: the resident tiles plus one
     buffer per pipeline stage of the streamed ones (Ampere's cp.async pipeline keeps num_stages - 1, Hopper's
-    num_stages). The bound adds what the compiler sometimes needs on top: a [BLOCK_M, BLOCK_N] layout
-    conversion, and 4 KiB for the float32 row statistics and barriers."""
+    num_stages). The bound adds what the compiler sometimes needs on top: two [BLOCK_M, BLOCK_N] layout
+    conversions (P and dS, transposed in the dK/dV pass), and 4 KiB for the float32 row statistics and
+    barriers."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     owned, streamed = (block_n, block_m) if config.kernel_pass == "dkdv" else (block_m, block_n)
     resident_tiles, streamed_tiles = TILES[config.kernel_pass]
     buffers = config.num_stages if major >= 9 else max(config.num_stages - 1, 1)
     estimate = (resident_tiles * owned + streamed_tiles * streamed * buffers) * d_pad * element_size
-    return estimate, estimate + block_m * block_n * element_size + 4096
+    return estimate, estimate + 2 * block_m * block_n * element_size + 4096
 
 
-def generation(device: torch.device) -> int:
-    """The candidate set for a device: Hopper and newer use the sm_90 set, everything older the sm_80 one."""
-    return 9 if torch.cuda.get_device_capability(device)[0] >= 9 else 8
+def device_budget(device: torch.device) -> tuple[int, int]:
+    """(candidate set, shared memory per block in bytes) of a CUDA device: Hopper and newer use the sm_90
+    candidates, everything older the sm_80 ones."""
+    props = torch.cuda.get_device_properties(device)
+    return (9 if props.major >= 9 else 8), props.shared_memory_per_block_optin
 
 
 def prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -75,8 +79,7 @@ def prune(configs: list, named_args: dict, **kwargs) -> list:
     if len(configs) == 1:
         return configs
     q = named_args["Q"]
-    major = generation(q.device)
-    limit = SHARED_MEMORY_BYTES[major]
+    major, limit = device_budget(q.device)
     sizes = {id(c): shared_bytes(c, kwargs["D_PAD"], q.element_size(), major) for c in configs}
     kept = [c for c in configs if c.generation == major and sizes[id(c)][0] <= limit]
     if not any(sizes[id(c)][1] <= limit for c in kept):
