@@ -35,10 +35,20 @@ TILES = {"fwd": (1, 2), "dkdv": (2, 2), "dq": (2, 2)}
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
 
 
+# id(config) → (pass, generation) of every candidate and fallback. Kept off the Config objects: Triton's
+# autotuning disk cache rebuilds configs with Config(**config.__dict__), which extra attributes would break.
+_ORIGIN: dict[int, tuple[str, int]] = {}
+
+
 def _config(kernel_pass: str, major: int, block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-    config.kernel_pass, config.generation = kernel_pass, major
+    _ORIGIN[id(config)] = (kernel_pass, major)
     return config
+
+
+def origin(config: triton.Config) -> tuple[str, int]:
+    """(pass, generation) a candidate or fallback config was made for."""
+    return _ORIGIN[id(config)]
 
 
 def configs(kernel_pass: str) -> list[triton.Config]:
@@ -53,25 +63,27 @@ def fallback(kernel_pass: str, major: int) -> triton.Config:
     return _config(kernel_pass, major, *FALLBACK[kernel_pass])
 
 
-def shared_bytes(config: triton.Config, d_pad: int, element_size: int, major: int) -> tuple[int, int]:
+def shared_bytes(kernel_pass: str, config: triton.Config, d_pad: int, element_size: int,
+                 major: int) -> tuple[int, int]:
     """(estimate, bound) of the shared memory Triton allocates for a config: the resident tiles plus one
     buffer per pipeline stage of the streamed ones (Ampere's cp.async pipeline keeps num_stages - 1, Hopper's
     num_stages). The bound adds what the compiler sometimes needs on top: two [BLOCK_M, BLOCK_N] layout
     conversions (P and dS, transposed in the dK/dV pass), and 4 KiB for the float32 row statistics and
     barriers."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    owned, streamed = (block_n, block_m) if config.kernel_pass == "dkdv" else (block_m, block_n)
-    resident_tiles, streamed_tiles = TILES[config.kernel_pass]
+    owned, streamed = (block_n, block_m) if kernel_pass == "dkdv" else (block_m, block_n)
+    resident_tiles, streamed_tiles = TILES[kernel_pass]
     buffers = config.num_stages if major >= 9 else max(config.num_stages - 1, 1)
     estimate = (resident_tiles * owned + streamed_tiles * streamed * buffers) * d_pad * element_size
     return estimate, estimate + 2 * block_m * block_n * element_size + 4096
 
 
 def device_budget(device: torch.device) -> tuple[int, int]:
-    """(candidate set, shared memory per block in bytes) of a CUDA device: Hopper and newer use the sm_90
-    candidates, everything older the sm_80 ones."""
+    """(candidate set, shared memory per block in bytes) of a CUDA device: Hopper and data-centre Blackwell
+    (sm_90, sm_100) use the sm_90 candidates; Ampere, Ada and consumer Blackwell (sm_120, whose shared
+    memory is Ada's) the sm_80 ones."""
     props = torch.cuda.get_device_properties(device)
-    return (9 if props.major >= 9 else 8), props.shared_memory_per_block_optin
+    return (9 if props.major in (9, 10) else 8), props.shared_memory_per_block_optin
 
 
 def prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -80,10 +92,11 @@ def prune(configs: list, named_args: dict, **kwargs) -> list:
         return configs
     q = named_args["Q"]
     major, limit = device_budget(q.device)
-    sizes = {id(c): shared_bytes(c, kwargs["D_PAD"], q.element_size(), major) for c in configs}
-    kept = [c for c in configs if c.generation == major and sizes[id(c)][0] <= limit]
+    kernel_pass = origin(configs[0])[0]
+    sizes = {id(c): shared_bytes(kernel_pass, c, kwargs["D_PAD"], q.element_size(), major) for c in configs}
+    kept = [c for c in configs if origin(c)[1] == major and sizes[id(c)][0] <= limit]
     if not any(sizes[id(c)][1] <= limit for c in kept):
-        kept.append(fallback(configs[0].kernel_pass, major))
+        kept.append(fallback(kernel_pass, major))
     return kept
 
 

@@ -60,9 +60,10 @@ else:
     configs = ([C._config(p, major, *c) for p in KERNELS for c in C.CANDIDATES[p][major]]
                if mode.startswith("candidates") else [C.fallback(p, major) for p in KERNELS])
     for config in configs:
-        kernel = compile_pass(config.kernel_pass, arch, dtype, config, HEAD_DIM=d_pad, D_PAD=d_pad)
-        estimate, bound = C.shared_bytes(config, d_pad, element_size, major)
-        print(json.dumps({"pass": config.kernel_pass, "config": str(config), "shared": kernel.metadata.shared,
+        kernel_pass = C.origin(config)[0]
+        kernel = compile_pass(kernel_pass, arch, dtype, config, HEAD_DIM=d_pad, D_PAD=d_pad)
+        estimate, bound = C.shared_bytes(kernel_pass, config, d_pad, element_size, major)
+        print(json.dumps({"pass": kernel_pass, "config": str(config), "shared": kernel.metadata.shared,
                           "bound": bound, "limit": C.SMALLEST_SHARED_MEMORY}))
 """
 
@@ -108,11 +109,21 @@ def test_pruning_keeps_the_gpus_own_candidates_and_always_one_that_fits(monkeypa
         candidates = [C._config(kernel_pass, g, *c) for g in (8, 9) for c in C.CANDIDATES[kernel_pass][g]]
         q = torch.empty(1, dtype=getattr(torch, dtype))
         kept = C.prune(candidates, {"Q": q}, D_PAD=d_pad)
-        assert kept and all(c.generation == generation for c in kept)
-        sizes = [C.shared_bytes(c, d_pad, q.element_size(), generation) for c in kept]
+        assert kept and all(C.origin(c) == (kernel_pass, generation) for c in kept)
+        sizes = [C.shared_bytes(kernel_pass, c, d_pad, q.element_size(), generation) for c in kept]
         assert any(bound <= limit for _, bound in sizes)
         if d_pad <= 64 and dtype == "bfloat16" and shared == "full":  # every candidate of the generation is timed
             assert len(kept) == len(C.CANDIDATES[kernel_pass][generation])
+
+
+def test_configs_survive_tritons_autotuning_disk_cache():
+    """Triton rebuilds cached configs with Config(**config.__dict__): nothing of ours may ride on them."""
+    import triton
+    from e2evlp.kernels import attention_configs as C
+
+    config = C._config("fwd", 9, 128, 64, 4, 3)
+    rebuilt = triton.Config(**json.loads(json.dumps(config.__dict__)))
+    assert (rebuilt.kwargs, rebuilt.num_warps, rebuilt.num_stages) == ({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3)
 
 
 def test_lengths_tune_by_power_of_two_bucket():

@@ -1,5 +1,8 @@
 """Pre-training data from COCO-format and Visual Genome sources: captions, boxes joined per source, one vocabulary."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from e2evlp.data.datasets import PretrainingDataset
@@ -48,6 +51,13 @@ def test_one_detection_vocabulary_and_complete_visual_genome_sources(tmp_path):
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 8, 8], "iscrowd": 0}]))
     with pytest.raises(ValueError, match="data.train mixes detection vocabularies"):
         pretraining_records({"train": [coco, vg]}, "train")
+    once = pretraining_records({"train": [coco]}, "train")[1]
+    assert len(pretraining_records({"train": [coco, coco]}, "train")[1]) == 2 * len(once)  # one vocabulary: fine
+    renamed = json.loads(Path(coco["instances"]).read_text())
+    renamed["categories"][0]["name"] = "bicycle"
+    other = {**coco, "instances": str(write_json(tmp_path / "other_instances.json", renamed))}
+    with pytest.raises(ValueError, match="data.train mixes detection vocabularies"):
+        pretraining_records({"train": [coco, other]}, "train")
     with pytest.raises(ValueError, match="a Visual Genome source needs 'regions'"):
         pretraining_records({"train": [{key: v for key, v in vg.items() if key != "regions"}]}, "train")
     with pytest.raises(ValueError, match="needs 'object_vocab'"):

@@ -125,7 +125,8 @@ def evaluate_retrieval(model: nn.Module, batches: Iterable[dict], tokenizer, *,
 
     Batches carry images with all of their ``references`` (a CaptionCollator over a per-image CaptionDataset);
     every reference, encoded with `tokenizer`, becomes a query text. Each image goes through the backbone
-    once (``embed_gallery``), then every pair through the encoder and the ITM head."""
+    once (``embed_gallery``, its tokens kept on the CPU), then every pair through the encoder and the ITM
+    head."""
     model.eval()
     device = _device_of(model)
     gallery, texts, text_to_image = [], [], []
@@ -133,7 +134,7 @@ def evaluate_retrieval(model: nn.Module, batches: Iterable[dict], tokenizer, *,
         for index, refs in enumerate(batch["references"]):
             text_to_image += [len(gallery) + index] * len(refs)
             texts += list(refs)
-        gallery += model.embed_gallery(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
+        gallery += model.embed_gallery(batch["pixel_values"].to(device), batch["pixel_mask"].to(device), device="cpu")
     if not gallery:
         raise ValueError("evaluate_retrieval got no images")
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=model.config.max_text_length,

@@ -99,29 +99,32 @@ class E2EVLPForRetrieval(PretrainedModule):
         return ClassifierOutput(logits, loss)
 
     @torch.no_grad()
-    def embed_gallery(self, pixel_values, pixel_mask=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each image's real encoder tokens and their positions, ([n_i, C], [n_i, C]): the backbone runs once
-        per image, however many texts it is scored against. Galleries of several batches concatenate."""
+    def embed_gallery(self, pixel_values, pixel_mask=None, device: torch.device | str | None = None
+                      ) -> list[torch.Tensor]:
+        """Each image's real encoder tokens [n_i, C], on `device` (default: where they were computed): the
+        backbone runs once per image, however many texts it is scored against. Galleries of several batches
+        concatenate; a large one belongs on the CPU (``device="cpu"``), each scored batch is moved over.
+        Retrieval never decodes, so the image positions, already inside the tokens, are not kept."""
         image = self.model.embed_image(pixel_values, pixel_mask)
         real = ~image.padding_mask  # [B, N]
-        return [(image.tokens[b, real[b]], image.position[b, real[b]]) for b in range(real.shape[0])]
+        return [image.tokens[b, real[b]].to(device or image.tokens.device) for b in range(real.shape[0])]
 
     @torch.no_grad()
-    def score_gallery(self, gallery: list[tuple[torch.Tensor, torch.Tensor]], input_ids, attention_mask=None,
+    def score_gallery(self, gallery: list[torch.Tensor], input_ids, attention_mask=None,
                       batch_size: int = 64) -> torch.Tensor:
         """Scores every text against every image of ``embed_gallery``'s output: [num_texts, num_images], in
         batches of `batch_size` pairs, each padded only to its own longest image."""
+        device = input_ids.device
         num_texts, num_images = input_ids.shape[0], len(gallery)
         text_index = torch.arange(num_texts).repeat_interleave(num_images)
         image_index = torch.arange(num_images).repeat(num_texts)
         scores = []
         for start in range(0, len(text_index), batch_size):
             t, i = text_index[start:start + batch_size], image_index[start:start + batch_size]
-            tokens, positions = zip(*(gallery[j] for j in i.tolist()))
-            lengths = torch.tensor([len(x) for x in tokens], device=input_ids.device)
-            padding = torch.arange(int(lengths.max()), device=input_ids.device)[None] >= lengths[:, None]
-            image = ImageTokens(pad_sequence(tokens, batch_first=True), padding,
-                                pad_sequence(positions, batch_first=True))
+            tokens = pad_sequence([gallery[j] for j in i.tolist()], batch_first=True).to(device, non_blocking=True)
+            lengths = torch.tensor([len(gallery[j]) for j in i.tolist()], device=device)
+            padding = torch.arange(tokens.shape[1], device=device)[None] >= lengths[:, None]  # [b, N]
+            image = ImageTokens(tokens, padding, torch.zeros_like(tokens))
             encoded = self.model.encode(input_ids[t], None if attention_mask is None else attention_mask[t],
                                         image=image)
             logits = self.itm_head(self.model.pooler(encoded.hidden))

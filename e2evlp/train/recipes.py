@@ -122,26 +122,29 @@ def pretraining_records(data: dict, split: str) -> tuple[list, list]:
     {images, captions, instances} or Visual Genome {images, image_data, regions, objects, attributes,
     object_vocab, attribute_vocab}. Detection labels must come from one vocabulary across the sources."""
     skip_bad = bool(data.get("skip_bad", False))
-    captions, detections, label_spaces = [], [], set()
+    captions, detections, vocabularies = [], [], {}
     for source in _sources(data, split):
         if "regions" in source or "objects" in source:
-            source_captions, source_detections, space = _visual_genome_records(source, skip_bad)
+            source_captions, source_detections, vocabulary = _visual_genome_records(source, skip_bad)
+            where = source.get("object_vocab")
         else:
             source_captions = CocoCaptionsReader(source["images"], skip_bad=skip_bad).read(source["captions"])
-            source_detections, space = [], None
+            source_detections, vocabulary, where = [], None, source.get("instances")
             if source.get("instances"):
-                source_detections = CocoInstancesReader(source["images"], skip_bad=skip_bad).read(source["instances"])
-                space = "COCO instances (their categories)"
+                reader = CocoInstancesReader(source["images"], skip_bad=skip_bad)
+                source_detections = reader.read(source["instances"])
+                vocabulary = tuple(reader.class_names)
         captions += source_captions
         detections += source_detections
-        label_spaces |= {space} - {None}
-    if len(label_spaces) > 1:
-        raise ValueError(f"data.{split} mixes detection vocabularies ({'; '.join(sorted(label_spaces))}): class "
-                         f"indices of different vocabularies mean different things, use one")
+        if vocabulary is not None:
+            vocabularies.setdefault(vocabulary, where)
+    if len(vocabularies) > 1:
+        raise ValueError(f"data.{split} mixes detection vocabularies ({', '.join(map(str, vocabularies.values()))} "
+                         f"name different classes): a class index must mean one thing, use one vocabulary")
     return captions, detections
 
 
-def _visual_genome_records(source: dict, skip_bad: bool) -> tuple[list, list, str | None]:
+def _visual_genome_records(source: dict, skip_bad: bool) -> tuple[list, list, tuple | None]:
     """Region phrases as captions and, with ``objects``, boxes labelled by ``object_vocab``."""
     for key in ("images", "image_data", "regions"):
         if not source.get(key):
@@ -154,10 +157,10 @@ def _visual_genome_records(source: dict, skip_bad: bool) -> tuple[list, list, st
         raise ValueError("a Visual Genome source with 'objects' needs 'object_vocab' (one class per line, "
                          "e.g. bottom-up attention's objects_vocab.txt)")
     attribute_vocab = read_vocab(source["attribute_vocab"]) if source.get("attribute_vocab") else []
-    reader = VisualGenomeReader(source["images"], read_vocab(source["object_vocab"]), attribute_vocab,
-                                skip_bad=skip_bad)
+    object_vocab = read_vocab(source["object_vocab"])
+    reader = VisualGenomeReader(source["images"], object_vocab, attribute_vocab, skip_bad=skip_bad)
     detections = reader.read(source["objects"], source.get("attributes"), source["image_data"])
-    return captions, detections, f"Visual Genome {Path(source['object_vocab']).resolve()}"
+    return captions, detections, tuple(object_vocab)
 
 
 def check_detection_labels(dataset, model_config: E2EVLPConfig) -> None:
