@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _empty_boxes() -> Tensor:
     return torch.zeros(0, 4)  # [0, 4]: RandomResize and RandomHorizontalFlip expect boxes on every sample
 
 
-class SeededDataset(Dataset):
+class SeededDataset(Dataset, ABC):
     """Base of the datasets: a transform generator per item, seeded by mix_seeds(seed, epoch, index).
 
     Every random draw of an item is a pure function of (seed, epoch, index), so a resumed run reproduces its
@@ -120,9 +121,9 @@ class SeededDataset(Dataset):
             return record.height, record.width
         return self._header_size(Path(record.image_path))
 
+    @abstractmethod
     def _item_size(self, index: int) -> tuple[int, int]:
         """(height, width) of item `index`'s image before transforms; each dataset defines it."""
-        raise NotImplementedError(f"{type(self).__name__} does not define _item_size")
 
     def sizes(self) -> list[tuple[int, int]]:
         """(height, width) of each item's image before transforms, for SizeBucketBatchSampler."""
