@@ -131,9 +131,7 @@ class VisualGenomeRegionsReader(Reader):
         path = Path(regions_file)
 
         def parse(item: dict) -> CaptionRecord | None:
-            image_id = int_field(item, "id" if "id" in item else "image_id")  # the file's own key is "id"
-            if image_id not in sizes:
-                raise BadRecord("unknown image id", f"{image_id} is not in image_data.json")
+            image_id = _known(sizes, item, "id" if "id" in item else "image_id")  # the file's own key is "id"
             phrases, seen = [], set()
             for region in list_field(item, "regions"):
                 phrase = " ".join(str_field(region, "phrase").split())
@@ -156,8 +154,8 @@ def _image_sizes(reader: Reader, path: Path) -> dict[int, tuple[int, int]]:
     return dict(reader.parse_all(path, items, lambda item: (int_field(item, "image_id"), image_size(item))))
 
 
-def _known(sizes: dict, item: dict) -> int:
-    image_id = int_field(item, "image_id")
+def _known(sizes: dict, item: dict, key: str = "image_id") -> int:
+    image_id = int_field(item, key)
     if image_id not in sizes:
         raise BadRecord("unknown image id", f"{image_id} is not in image_data.json")
     return image_id

@@ -121,8 +121,9 @@ class E2EVLPForRetrieval(PretrainedModule):
         scores = []
         for start in range(0, len(text_index), batch_size):
             t, i = text_index[start:start + batch_size], image_index[start:start + batch_size]
-            tokens = pad_sequence([gallery[j] for j in i.tolist()], batch_first=True).to(device, non_blocking=True)
-            lengths = torch.tensor([len(gallery[j]) for j in i.tolist()], device=device)
+            images = [gallery[j] for j in i.tolist()]
+            tokens = pad_sequence(images, batch_first=True).to(device, non_blocking=True)  # [b, N, C]
+            lengths = torch.tensor([len(x) for x in images], device=device)
             padding = torch.arange(tokens.shape[1], device=device)[None] >= lengths[:, None]  # [b, N]
             image = ImageTokens(tokens, padding, torch.zeros_like(tokens))
             encoded = self.model.encode(input_ids[t], None if attention_mask is None else attention_mask[t],
