@@ -126,6 +126,21 @@ def test_unpadded_encoder_equals_padded_at_the_real_tokens(checkpointing):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
+def test_packed_sequences_bad_and_empty_masks():
+    from e2evlp.nn.packing import PackedSequences
+
+    with pytest.raises(ValueError, match=r"padding_mask must be bool \[B, L\]"):
+        PackedSequences.from_padding_mask(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"padding_mask must be bool \[B, L\]"):
+        PackedSequences.from_padding_mask(torch.zeros(2, 3, 4, dtype=torch.bool))
+    empty = PackedSequences.from_padding_mask(torch.zeros(0, 5, dtype=torch.bool))
+    assert (empty.total, empty.max_seqlen, empty.cu_seqlens.tolist()) == (0, 0, [0])
+    assert empty.unpack(empty.pack(torch.randn(0, 5, 3))).shape == (0, 5, 3)
+    all_padding = PackedSequences.from_padding_mask(torch.ones(2, 4, dtype=torch.bool))
+    assert (all_padding.total, all_padding.cu_seqlens.tolist()) == (0, [0, 0, 0])
+    assert (all_padding.unpack(all_padding.pack(torch.randn(2, 4, 3))) == 0).all()
+
+
 def test_bf16_autocast_and_compiled_encoder(monkeypatch):
     monkeypatch.setenv("E2EVLP_ATTENTION", "sdpa")  # the interpreter's bf16 dot is unusable
     model = pretrainer().eval()
