@@ -4,7 +4,8 @@ Knobs (environment variables):
   E2EVLP_SKIP_CUDA=1      build the CPU kernels only, even where nvcc and a CUDA torch are present
   FORCE_CUDA=1            build the CUDA kernels even when no GPU is visible (the default anyway
                           whenever nvcc and a CUDA build of torch are found)
-  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for; default "8.0;9.0" (A100, H100/H200)
+  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for; default "8.0;9.0+PTX" (A100, H100/H200,
+                          and PTX that newer GPUs compile when the extension loads)
   MAX_JOBS                parallel compile jobs (ninja)
   CUDA_HOME               the CUDA toolkit; found from the nvcc on PATH when unset
 """
@@ -73,7 +74,7 @@ def _want_cuda() -> bool:
 
 WITH_CUDA = _want_cuda()
 if WITH_CUDA:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 CUDA_ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else ""
 
 csrc = ROOT / "csrc"

@@ -78,6 +78,12 @@ inline void check_box_loss_grads(const at::Tensor& grad_l1, const at::Tensor& gr
               "], got ", grad_l1.sizes());
   TORCH_CHECK(grad_giou.dim() == 1 && grad_giou.size(0) == pred.size(0), op, ": grad_giou must be [", pred.size(0),
               "], got ", grad_giou.sizes());
+  check_float_tensor(grad_l1, op, "grad_l1");
+  check_float_tensor(grad_giou, op, "grad_giou");
+  // A gradient left on another device would hand the CUDA kernel a host pointer: an illegal address that
+  // kills the CUDA context.
+  check_same_device(pred, grad_l1, op, "grad_l1");
+  check_same_device(pred, grad_giou, op, "grad_giou");
 }
 
 }  // namespace e2evlp

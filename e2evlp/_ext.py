@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -52,6 +53,37 @@ def _with_cuda(module) -> bool:
     return bool(module.build_info()["with_cuda"])
 
 
+def runs_on(archs: str, capability: tuple[int, int]) -> bool | None:
+    """Whether code built for TORCH_CUDA_ARCH_LIST `archs` runs on a GPU of compute `capability`: a cubin
+    for sm_XY runs on X.Y and later minors of X, "+PTX" also on every later GPU (compiled when loaded).
+    None when an entry is not numeric (a name such as "Hopper"), so the answer is unknown."""
+    major, minor = capability
+    fits = False
+    for entry in archs.replace(",", ";").replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        arch, ptx = entry.removesuffix("+PTX"), entry.endswith("+PTX")
+        found = re.fullmatch(r"(\d+)\.(\d+)a?", arch)
+        if found is None:
+            return None
+        built = (int(found.group(1)), int(found.group(2)))
+        fits |= (built[0] == major and built[1] <= minor) or (ptx and built <= capability)
+    return fits
+
+
+@functools.cache
+def _check_arch(module, index: int) -> None:
+    archs = module.build_info().get("cuda_archs", "")
+    capability = torch.cuda.get_device_capability(index)
+    if runs_on(archs, capability) is False:
+        name = torch.cuda.get_device_name(index)
+        raise ExtensionError(
+            f"e2evlp._C has CUDA kernels for TORCH_CUDA_ARCH_LIST={archs!r} only, none of which runs on {name} "
+            f"(compute capability {capability[0]}.{capability[1]}); set TORCH_CUDA_ARCH_LIST="
+            f"\"{capability[0]}.{capability[1]}\" and {REBUILD}."
+        )
+
+
 def available() -> bool:
     return _load()[0] is not None
 
@@ -75,6 +107,9 @@ def require(device: torch.device | str | None = None):
             "e2evlp._C was built without its CUDA kernels (CPU only); install a CUDA build of torch and the "
             f"CUDA toolkit (nvcc), then {REBUILD} (FORCE_CUDA=1 makes a missing toolkit an error)."
         )
+    if device is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        _check_arch(module, torch.cuda.current_device() if index is None else index)
     return module
 
 

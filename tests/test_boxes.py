@@ -147,6 +147,18 @@ def test_box_losses_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.e2evlp.box_losses_backward.default, (*grads, pred.detach(), target.detach()))
 
 
+def test_box_losses_backward_checks_its_gradients():
+    pred, target = random_cxcywh(3, gen(7)), random_cxcywh(3, gen(8))
+    backward = torch.ops.e2evlp.box_losses_backward.default
+    grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="grad_l1 is on meta but the predictions are on cpu"):
+        backward(grad.to("meta"), grad, pred, target)
+    with pytest.raises(RuntimeError, match="grad_giou must be float16, bfloat16, float32 or float64"):
+        backward(grad, grad.long(), pred, target)
+    with pytest.raises(RuntimeError, match=r"grad_giou must be \[3\]"):
+        backward(grad, grad[:2], pred, target)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_box_losses_half_inputs(dtype):
     pred = random_cxcywh(20, gen(7)).to(dtype).requires_grad_()

@@ -64,6 +64,7 @@ def test_matcher_and_criterion_cuda_equal_cpu_with_one_sync():
             moved["aux_outputs"] = [to_cuda(a) for a in layer["aux_outputs"]]
         return moved
 
+    criterion.cuda()  # its eos_coef class weights are a buffer, as in DETR
     gpu_outputs = to_cuda(outputs)
     gpu_targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
     criterion(gpu_outputs, gpu_targets)  # warm-up
@@ -79,3 +80,23 @@ def test_matcher_and_criterion_cuda_equal_cpu_with_one_sync():
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
     for key, value in cpu_losses.items():
         torch.testing.assert_close(gpu_losses[key].cpu(), value, rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_matcher_with_host_targets_syncs_once():
+    g = torch.Generator().manual_seed(4)
+    outputs, targets = detr_batch([7, 0, 30], queries=100, classes=91, generator=g)
+    matcher = enn.HungarianMatcher(1, 5, 2)
+    gpu_outputs = {k: v.cuda() for k, v in outputs.items()}
+    expected = matcher(gpu_outputs, [{k: v.cuda() for k, v in t.items()} for t in targets])
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            indices = matcher(gpu_outputs, targets)  # the targets stay on the host, as a data loader gives them
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]
+    for (i, j), (ei, ej) in zip(indices, expected):
+        assert torch.equal(i.cpu(), ei.cpu()) and torch.equal(j.cpu(), ej.cpu())

@@ -56,6 +56,38 @@ def test_cuda_request_on_cpu_only_build_is_explained(monkeypatch):
         _ext.require("cuda")
 
 
+@pytest.mark.parametrize(
+    ("archs", "capability", "expected"),
+    [
+        ("8.0;9.0", (9, 0), True),
+        ("8.0;9.0", (8, 6), True),  # an sm_80 cubin runs on later minors of 8
+        ("8.0;9.0", (7, 5), False),
+        ("8.0;9.0", (10, 0), False),  # no cubin runs across majors
+        ("8.0;9.0+PTX", (10, 0), True),  # the PTX is compiled for it when loaded
+        ("8.0;9.0+PTX", (12, 0), True),
+        ("9.0+PTX", (8, 0), False),  # PTX runs on later GPUs only
+        ("9.0a", (9, 0), True),
+        ("8.0 8.6", (8, 9), True),
+        ("", (9, 0), False),
+        ("8.0;Hopper", (7, 0), None),  # a named architecture: unknown, so not refused
+    ],
+)
+def test_which_builds_run_on_which_gpus(archs, capability, expected):
+    assert _ext.runs_on(archs, capability) is expected
+
+
+def test_cuda_request_for_an_uncovered_gpu_is_explained(monkeypatch):
+    class Built:
+        def build_info(self):
+            return {"with_cuda": True, "cuda_archs": "8.0;9.0"}
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA B200")
+    expected = r"TORCH_CUDA_ARCH_LIST='8\.0;9\.0' only, none of which runs on NVIDIA B200 \(compute capability 10\.0\)"
+    with pytest.raises(_ext.ExtensionError, match=expected):
+        _ext._check_arch(Built(), 0)
+
+
 def test_info_command(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out

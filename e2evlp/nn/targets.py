@@ -8,12 +8,18 @@ import numpy as np
 import torch
 
 
-def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host-built index array on `device`, through pinned memory so that the copy does not block."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor goes to a GPU through pinned memory, so the copy does not block
+    (a copy from pageable memory waits for the stream: one host sync each)."""
+    tensor = tensor.to(dtype) if dtype is not None else tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host-built index array on `device`, without blocking."""
+    return to_device(torch.from_numpy(array), device)
 
 
 @dataclass
@@ -51,9 +57,9 @@ def pad_targets(targets: list[dict], device: torch.device | str) -> PaddedTarget
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         slots = np.repeat(np.arange(B, dtype=np.int64) * T, counts) + np.arange(counts.sum()) - starts
         index = host_to_device(slots, device)
-        labels[index] = torch.cat([t["labels"] for t in targets]).to(device, torch.int64)
-        boxes[index] = torch.cat([t["boxes"] for t in targets]).to(device, box_dtype)
+        labels[index] = to_device(torch.cat([t["labels"] for t in targets]), device, torch.int64)
+        boxes[index] = to_device(torch.cat([t["boxes"] for t in targets]), device, box_dtype)
         if attributes is not None:
-            attributes[index] = torch.cat([t["attributes"] for t in targets]).to(device, torch.int64)
+            attributes[index] = to_device(torch.cat([t["attributes"] for t in targets]), device, torch.int64)
     return PaddedTargets(labels.view(B, T), boxes.view(B, T, 4), None if attributes is None else attributes.view(B, T),
                          host_to_device(np.asarray(sizes, dtype=np.int64), device), sizes)
