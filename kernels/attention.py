@@ -19,19 +19,23 @@ from e2evlp.kernels.attention_configs import AUTOTUNE_KEY, PRUNE, configs, lengt
 
 LOG2E = 1.4426950408889634
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+MAX_GRID_YZ = 65535  # sequences go on grid axis 2, heads on axis 1; CUDA caps both at 65535
 
 
 @triton.jit
-def _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN: tl.constexpr):
-    """This program's (batch, head) from grid axis 1, and its sequence's start rows and lengths."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+def _program_sequence(CU_Q, CU_K, LQ, LK, IS_VARLEN: tl.constexpr):
+    """This program's head and sequence (grid axes 1 and 2), and the sequence's start rows and lengths.
+
+    b, h and the start rows are int64: b * stride and start * stride pass 2**31 on large batches."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        q_len = tl.load(CU_Q + b + 1) - q_start
-        k_len = tl.load(CU_K + b + 1) - k_start
+        q_first = tl.load(CU_Q + b)
+        k_first = tl.load(CU_K + b)
+        q_len = tl.load(CU_Q + b + 1) - q_first
+        k_len = tl.load(CU_K + b + 1) - k_first
+        q_start = q_first.to(tl.int64)
+        k_start = k_first.to(tl.int64)
     else:
         q_start = 0
         k_start = 0
@@ -90,19 +94,24 @@ def _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MA
         if MASK_KIND == 1:
             valid = valid & (tl.load(mask_ptrs, mask=in_range, other=0) != 0)
         else:
-            s = s + tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32) * 1.4426950408889634
+            bias = tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32)
+            # finfo.min (how Hugging Face masks) would overflow to -inf in base 2 and make the key vanish,
+            # unlike in SDPA and the reference; -inf itself stays -inf.
+            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -1e38))
+            s = s + bias * 1.4426950408889634
     return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
-def _keep(seed, b, h, H, offs_m, offs_n, q_start, rng_cols, dropout_p):
-    """Dropout keep mask: a Philox stream per (sequence, head), one number per (query, key)."""
-    offsets = (q_start + offs_m)[:, None] * rng_cols + offs_n[None, :]
-    return tl.rand(seed + (b * H + h) * 1000003, offsets) >= dropout_p
+def _keep(seed, b, h, H, offs_m, offs_n, rng_cols, dropout_p):
+    """Dropout keep mask: a Philox stream per (sequence, head), one number per (query, key) of the sequence,
+    so a varlen batch and its padded twin drop the same entries. The stream key is int64 in every kernel."""
+    offsets = offs_m[:, None] * rng_cols + offs_n[None, :]
+    return tl.rand(seed + (b * H + h).to(tl.int64) * 1000003, offsets) >= dropout_p
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_start, q_len, k_len,
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_len, k_len,
               qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed, rng_cols, dropout_p,
               HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
@@ -118,7 +127,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
-        keep = _keep(seed, b, h, H, offs_m, cols, q_start, rng_cols, dropout_p)
+        keep = _keep(seed, b, h, H, offs_m, cols, rng_cols, dropout_p)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
     v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :],
                 mask=(cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [N, D]
@@ -139,7 +148,7 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
                    MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
-    b, h, q_start, k_start, q_len, k_len = _program_sequence(CU_Q, CU_K, H, LQ, LK, IS_VARLEN)
+    b, h, q_start, k_start, q_len, k_len = _program_sequence(CU_Q, CU_K, LQ, LK, IS_VARLEN)
     if start_m * BLOCK_M < q_len:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -158,12 +167,12 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
         mid = _unmasked_end(start_m * BLOCK_M, q_len, k_len, hi, BLOCK_N, IS_CAUSAL, HAS_KPM, MASK_KIND)
         for start_n in range(0, mid, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H,
-                                      q_start, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
+                                      q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
                                       s_kn, s_vn, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND,
                                       HAS_DROPOUT, FP32_DOT, False)
         for start_n in range(mid, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H,
-                                      q_start, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
+                                      q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
                                       s_kn, s_vn, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND,
                                       HAS_DROPOUT, FP32_DOT, True)
         empty = l_i == 0.0
@@ -178,15 +187,14 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
 @triton.jit
 def _dropout_keep_kernel(OUT, H, LQ, LK, seed, rng_cols, dropout_p, BLOCK: tl.constexpr):
     """Writes the forward's keep mask for a padded [B, H, LQ, LK] problem (tests and the reference)."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_n = tl.arange(0, BLOCK)
     for start_n in range(0, LK, BLOCK):
         cols = start_n + offs_n
-        keep = _keep(seed, b, h, H, tl.full([1], m, tl.int32), cols, 0, rng_cols, dropout_p)
-        tl.store(OUT + (bh * LQ + m) * LK + cols[None, :], keep.to(tl.int8), mask=cols[None, :] < LK)
+        keep = _keep(seed, b, h, H, tl.full([1], m, tl.int32), cols, rng_cols, dropout_p)
+        tl.store(OUT + ((b * H + h) * LQ + m) * LK + cols[None, :], keep.to(tl.int8), mask=cols[None, :] < LK)
 
 
 def key_end(key_padding_mask: torch.Tensor) -> torch.Tensor:
@@ -216,15 +224,24 @@ class Problem:
         self.LQ, self.LK, self.D = int(max_seqlen_q), int(max_seqlen_k), q.shape[-1]
         self.d_pad = max(16, triton.next_power_of_2(self.D))
         self.causal, self.scale, self.dropout_p, self.seed = bool(causal), float(scale), float(dropout_p), int(seed)
-        self.kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+        # The kernels read a row of keys at unit stride; bool and uint8 share a layout, so view, not copy.
+        self.kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
         self.key_end = None if key_padding_mask is None else key_end(key_padding_mask)
         if attn_mask is None:
             self.mask, self.mask_kind = None, MASK_NONE
         else:
             is_bool = attn_mask.dtype == torch.bool
             # Convert before expanding: a broadcast mask stays a stride-0 view, never materialized.
-            self.mask = (attn_mask.to(torch.uint8) if is_bool else attn_mask).expand(self.B, self.H, self.LQ, self.LK)
+            self.mask = (attn_mask.view(torch.uint8) if is_bool else attn_mask).expand(self.B, self.H, self.LQ, self.LK)
             self.mask_kind = MASK_BOOL if is_bool else MASK_ADD
+        for name, count in (("sequences", self.B), ("heads", self.H)):
+            if count > MAX_GRID_YZ:
+                raise ValueError(f"attention takes at most {MAX_GRID_YZ} {name} per call (a CUDA grid limit), "
+                                 f"got {count}: split the call")
+
+    def grid(self, length, block):
+        """Launch grid of a pass whose programs own `block` rows of `length`: (blocks, heads, sequences)."""
+        return lambda meta: (triton.cdiv(length, meta[block]), self.H, self.B)
 
     def strides(self, t):
         """(batch, head, row) strides of q/k/v-shaped tensors; batch is 0 for varlen (rows carry it)."""
@@ -270,14 +287,20 @@ def forward(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, ma
     lse = problem.new_lse()
     if out.numel() == 0 or problem.LQ == 0:
         return out, lse.fill_(float("inf"))
-    grid = lambda meta: (triton.cdiv(problem.LQ, meta["BLOCK_M"]), problem.B * problem.H)
-    _attention_fwd[grid](problem.q, problem.k, problem.v, out, lse, **problem.common_args(out, lse))
+    kernel, grid, args, kwargs = forward_launch(problem, out, lse)
+    kernel[grid](*args, **kwargs)
     return out, lse
+
+
+def forward_launch(problem, out, lse):
+    """(kernel, grid, args, kwargs) of the forward; the compile tests build the same launch."""
+    return (_attention_fwd, problem.grid(problem.LQ, "BLOCK_M"), (problem.q, problem.k, problem.v, out, lse),
+            problem.common_args(out, lse))
 
 
 def dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, device) -> torch.Tensor:
     """The bool keep mask [B, H, Lq, Lk] that padded forward/backward use for (dropout_p, seed)."""
     out = torch.empty(B, H, Lq, Lk, dtype=torch.int8, device=device)
     if out.numel():
-        _dropout_keep_kernel[(Lq, B * H)](out, H, Lq, Lk, seed, max(Lk, 1), dropout_p, BLOCK=16)
+        _dropout_keep_kernel[(Lq, H, B)](out, H, Lq, Lk, seed, max(Lk, 1), dropout_p, BLOCK=16)
     return out.bool()

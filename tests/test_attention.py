@@ -271,3 +271,25 @@ def test_other_backends_share_the_semantics(backend, monkeypatch):
     packed = [torch.randn(7, 2, 16) for _ in range(3)]
     torch.testing.assert_close(ops.attention_varlen(*packed, cu, cu, 4, 4, causal=True),
                                reference.attention_varlen(*packed, cu, cu, 4, 4, causal=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.8.0+git1", "2.5.0", False),
+])
+def test_interpreter_check_names_the_incompatible_numpy(monkeypatch, triton_version, numpy_version, broken):
+    import numpy
+    import triton
+
+    from e2evlp.ops.dispatch import check_interpreter
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    check_interpreter.cache_clear()
+    try:
+        if broken:
+            with pytest.raises(RuntimeError, match=r"install 'numpy<2.4' or Triton 3.7 or later"):
+                check_interpreter()
+        else:
+            check_interpreter()
+    finally:
+        check_interpreter.cache_clear()

@@ -26,6 +26,7 @@ POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "KP
            "MASK": "*u8"}
 TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 KERNELS = {"fwd": A._attention_fwd, "dkdv": AB._attention_bwd_dkdv, "dq": AB._attention_bwd_dq}
+KERNEL_PASS = {kernel: kernel_pass for kernel_pass, kernel in KERNELS.items()}
 
 
 def compile_pass(kernel_pass, arch, dtype, config, **flags):
@@ -44,9 +45,77 @@ def compile_pass(kernel_pass, arch, dtype, config, **flags):
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
+def compile_launch(kernel, args, kwargs, config, arch):
+    # As Triton's JIT compiles for these very arguments: an int equal to 1 becomes a constant, and
+    # 16-divisible pointers and ints are marked so, which reaches code that a synthetic signature does not.
+    from triton.backends.compiler import BaseBackend
+    from triton._C.libtriton import native_specialize_impl
+
+    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    bound = {**dict(zip(jit.arg_names, args)), **kwargs, **(config.kwargs if config else {})}
+    signature, consts, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(jit.arg_names, jit.params)):
+        if param.is_constexpr:
+            signature[name], consts[name] = "constexpr", bound[name]
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, bound[name], False, True, True)
+        if kind == "constexpr":
+            signature[name], consts[name] = "constexpr", spec
+        else:
+            signature[name] = kind
+            if spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {}
+    return triton.compile(ASTSource(fn=jit, signature=signature, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def calls(dtype):
+    # Calls that the JIT specializes in ways a synthetic signature does not: decoding (Lq = 1), one
+    # head, seed 1, a contiguous [Lq, Lk] bool mask (unit key stride), one key, varlen.
+    import torch
+
+    def t(*shape):
+        return torch.zeros(*shape, dtype=getattr(torch, dtype))
+
+    yield "decode", dict(q=t(8, 4, 1, 64), k=t(8, 4, 300, 64), causal=True)
+    yield "one head", dict(q=t(2, 1, 128, 64), k=t(2, 1, 128, 64), causal=True)
+    yield "seed 1", dict(q=t(2, 4, 128, 64), k=t(2, 4, 128, 64), dropout_p=0.1, seed=1,
+                         key_padding_mask=torch.zeros(2, 128, dtype=torch.bool))
+    yield "bool mask", dict(q=t(2, 4, 128, 40), k=t(2, 4, 128, 40), attn_mask=torch.ones(128, 128, dtype=torch.bool))
+    yield "one key", dict(q=t(2, 4, 64, 64), k=t(2, 4, 1, 64))
+    cu = torch.tensor([0, 40, 100], dtype=torch.int32)
+    yield "varlen", dict(q=t(100, 4, 64), k=t(100, 4, 64), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=60,
+                         max_seqlen_k=60, causal=True)
+
+
+def compile_calls(arch, dtype):
+    import torch
+
+    for name, call in calls(dtype):
+        q, k = call.pop("q"), call.pop("k")
+        varlen = "cu_seqlens_q" in call
+        problem = A.Problem(q, k, k, call.get("key_padding_mask"), call.get("attn_mask"), call.get("cu_seqlens_q"),
+                            call.get("cu_seqlens_k"), call.get("max_seqlen_q", 0 if varlen else q.shape[2]),
+                            call.get("max_seqlen_k", 0 if varlen else k.shape[2]), call.get("causal", False), 0.125,
+                            call.get("dropout_p", 0.0), call.get("seed", 12345))
+        out, lse = torch.zeros_like(problem.q), problem.new_lse()
+        launches = [A.forward_launch(problem, out, lse)]
+        launches += AB.backward_launches(problem, out, torch.zeros_like(out), lse, torch.zeros_like(lse),
+                                         torch.zeros_like(problem.q), torch.zeros_like(problem.k),
+                                         torch.zeros_like(problem.v))
+        for kernel, _, args, kwargs in launches:
+            autotuned = isinstance(kernel, triton.runtime.Autotuner)
+            config = C._config(KERNEL_PASS[kernel], arch // 10, 64, 64, 4, 2) if autotuned else None
+            compile_launch(kernel, args, kwargs, config, arch)
+            print(json.dumps({"call": name, "kernel": (kernel.fn if autotuned else kernel).fn.__name__}))
+
+
 arch, dtype, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 major = arch // 10
-if mode == "features":
+if mode == "calls":
+    compile_calls(arch, dtype)
+elif mode == "features":
     # Every mask kind at once; then causal varlen with no mask, where the mask-free loops do the work.
     for flags in (dict(IS_CAUSAL=True, HAS_KPM=True, MASK_KIND=1, HAS_DROPOUT=True, HEAD_DIM=80, D_PAD=128),
                   dict(IS_CAUSAL=True, HAS_KPM=False, IS_VARLEN=True)):
@@ -83,6 +152,18 @@ def test_attention_kernels_compile_for_gpus_with_every_feature(arch, dtype):
     compiled = _compile(arch, dtype, "features")
     assert [c["pass"] for c in compiled] == ["fwd", "dkdv", "dq"] * 2
     assert all(c["cp_async"] > 0 for c in compiled), compiled  # the streamed tiles are pipelined
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dtype", [(90, "bfloat16"), (80, "float32")])
+def test_attention_launches_compile_as_the_jit_specializes_them(arch, dtype):
+    try:
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no native_specialize_impl to mimic its JIT with")
+    compiled = _compile(arch, dtype, "calls")
+    assert len(compiled) == 6 * 4 and {c["kernel"] for c in compiled} == {
+        "_attention_fwd", "_attention_bwd_delta", "_attention_bwd_dkdv", "_attention_bwd_dq"}
 
 
 @pytest.mark.slow

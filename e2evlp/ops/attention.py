@@ -58,6 +58,17 @@ def _check_masks(q, k, key_padding_mask, attn_mask) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
+def _check_cu_seqlens(cu, name: str, total: int, max_seqlen: int, exact: bool) -> None:
+    cu = cu.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens_{name} must start at 0 and never decrease, got {cu}")
+    if cu[-1] > total or (exact and cu[-1] != total):
+        raise ValueError(f"cu_seqlens_{name} ends at {cu[-1]} but {name} has {total} rows")
+    longest = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen_{name} is {max_seqlen} but a sequence of {name} has {longest} rows")
+
+
 def _triton_dtype_check(q) -> None:
     if q.dtype not in ATTENTION_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton attention kernels, got {q.dtype} "
@@ -99,9 +110,14 @@ def attention(q, k, v, *, key_padding_mask=None, attn_mask=None, causal: bool = 
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
-                     causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                     causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                     validate: bool | None = None) -> torch.Tensor:
     """Attention over packed sequences: q [total_q, H, D], k and v [total_k, H, D]; sequence b spans
-    rows cu_seqlens[b]:cu_seqlens[b+1] (int32 [B+1], FlashAttention's convention). No padding is read."""
+    rows cu_seqlens[b]:cu_seqlens[b+1] (int32 [B+1], FlashAttention's convention). No padding is read.
+
+    validate: check that cu_seqlens start at 0, never decrease, cover q's rows (and at most k's) and
+    respect max_seqlen; wrong offsets would make the kernels read and write out of bounds. Default: on
+    for CPU tensors; on CUDA it costs a host sync, so it is off unless asked for (as in FlashAttention)."""
     _check_qkv(q, k, v, packed=True)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or len(cu) < 1:
@@ -111,6 +127,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     if len(cu_seqlens_q) != len(cu_seqlens_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be [B + 1], got {len(cu_seqlens_q)} and "
                          f"{len(cu_seqlens_k)}")
+    if validate or (validate is None and q.device.type == "cpu"):
+        _check_cu_seqlens(cu_seqlens_q, "q", q.shape[0], max_seqlen_q, exact=True)
+        _check_cu_seqlens(cu_seqlens_k, "k", k.shape[0], max_seqlen_k, exact=False)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
