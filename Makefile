@@ -27,7 +27,7 @@ bench: install
 	$(PYTHON) -m e2evlp bench all --device all
 
 # On a machine with an NVIDIA GPU and no network, in under 8 minutes: build for that GPU only, run the
-# cuda-marked tests and `e2evlp bench all --device cuda --quick`; results land in $E2EVLP_RESULTS_DIR
+# tests marked cuda or gpu_check and `e2evlp bench all --device cuda --quick`; results land in $E2EVLP_RESULTS_DIR
 # (default benchmarks/results/) and, when $OUT is set, are copied there.
 gpu-check:
 	bash benchmarks/gpu_check.sh

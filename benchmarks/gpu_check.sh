@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-check`: on a machine with an NVIDIA GPU and no network, in under 8 minutes: build e2evlp._C for
-# that GPU's architecture only, run the cuda-marked tests, then `e2evlp bench all --device cuda --quick`.
+# that GPU's architecture only, run the tests marked cuda or gpu_check, then `e2evlp bench all --device cuda --quick`.
 # Results go to $E2EVLP_RESULTS_DIR (default benchmarks/results/): the day's records, tables and plot
 # (<gpu>-<date>-quick.*), this run's (gpu-check.json/.md/.png, the skips included) and the logs; when $OUT
 # is set, what this run wrote is copied there too. Each benchmark's records are saved as soon as it ends,
@@ -37,9 +37,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PYTHON -m e2evlp info
 status=0
 
-phase "cuda-marked tests"
+phase "tests marked cuda or gpu_check"
 tests_log="$RESULTS/gpu-check-tests.log"
-if ! timeout "$(left $TESTS_MAX_S)" $PYTHON -m pytest -q -p no:cacheprovider -m cuda tests >"$tests_log" 2>&1; then
+if ! timeout "$(left $TESTS_MAX_S)" $PYTHON -m pytest -q -p no:cacheprovider -m "cuda or gpu_check" tests >"$tests_log" 2>&1; then
   status=1
 fi
 grep -E "^(SKIPPED|FAILED|ERROR)" "$tests_log" || true

@@ -10,8 +10,9 @@ import torch
 
 from e2evlp import ops, reference
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU")
+pytestmark = [pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                 reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU"),
+              pytest.mark.gpu_check]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # q's third sequence starts 2**31 elements into its storage: an int32 offset would wrap to a negative
