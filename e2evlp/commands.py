@@ -7,6 +7,7 @@ import json
 import os
 
 FINETUNE_TASKS = ("vqa", "nlvr2", "caption", "retrieval")
+STOPPED_BY_SIGTERM = 143
 EVALUATE_TASKS = ("pretrain", "vqa", "nlvr2", "caption", "retrieval", "detection")
 
 
@@ -38,7 +39,8 @@ def _train(task: str, args: argparse.Namespace) -> int:
     summary = train(task, _load_config(args))
     if int(os.environ.get("RANK", "0")) == 0:  # the other ranks of a torchrun job stay quiet
         _print_json(summary)
-    return 0
+    # Stopped by SIGTERM at a checkpoint, unfinished: 128 + SIGTERM, so that a retry loop resumes it.
+    return STOPPED_BY_SIGTERM if summary.get("stopped") == "sigterm" else 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

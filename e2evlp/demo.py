@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ def _train(model, config: dict, task: str, tokenizer, answers=None) -> dict:
     dataset = build_dataset(task, config, "train", train=True, answers=answers, seed=config["train"]["seed"])
     collator = build_collator(task, model.config, tokenizer, train=True, seed=config["train"]["seed"])
     loader = train_loader(dataset, collator, config, seed=config["train"]["seed"])
+    # Each demo trains from scratch: a previous demo's checkpoints in this folder are not this run's.
+    shutil.rmtree(config["train"]["output_dir"], ignore_errors=True)
     return Trainer(model, TrainerConfig(**config["train"], resume=False), loader).train()
 
 

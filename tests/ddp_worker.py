@@ -1,5 +1,6 @@
 """Run by tests/test_trainer.py under torchrun: trains the toy model under each given mode (ddp, fsdp), resumes a
-copy of its step-4 checkpoint, and writes each rank's gathered parameters and summary to <output_dir>."""
+copy of its step-4 checkpoint (and DDP's under FSDP), and writes each rank's gathered parameters and summary to
+<output_dir>."""
 
 import shutil
 import sys
@@ -41,6 +42,12 @@ def main(output_dir: Path, modes: list[str]) -> None:
         resumed, _, _ = train(output_dir / mode / "resumed", mode, model_seed=1)
         torch.save({"full": full, "resumed": resumed, "summary": summary, "fsdp_units": fsdp_units},
                    output_dir / f"{mode}-rank{rank()}.pt")
+    if {"ddp", "fsdp"} <= set(modes):  # DDP's step-4 checkpoint, resumed under FSDP
+        if is_main_process():
+            shutil.copytree(step_dir(output_dir / "ddp" / "full", 4), step_dir(output_dir / "ddp-to-fsdp", 4))
+        barrier()
+        crossed, _, _ = train(output_dir / "ddp-to-fsdp", "fsdp", model_seed=1)
+        torch.save({"resumed": crossed}, output_dir / f"ddp-to-fsdp-rank{rank()}.pt")
     dist.destroy_process_group()
 
 

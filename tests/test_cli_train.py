@@ -1,6 +1,8 @@
 """The training commands end to end on a very short synthetic run: pretrain → evaluate → finetune → caption, demo."""
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -78,11 +80,11 @@ def test_pretrain_evaluate_finetune_caption(synthetic, tmp_path, capsys):
     # A run folder resolves to its final/ export, which holds the tokenizer and the answer list.
     assert cli.main(["evaluate", "vqa", "--config", str(vqa_config), "--checkpoint", str(tmp_path / "vqa")]) == 0
     assert _json_out(capsys)["vqa_acc"] == pytest.approx(vqa_summary["eval"]["vqa_acc"])
-    with pytest.raises(ValueError, match="data.answers=3 but .* was trained on"):
-        cli.main(["finetune", "vqa", "--config", str(vqa_config), f"model.init={vqa_final}", "data.answers=3",
-                  f"train.output_dir={tmp_path / 'vqa2'}"])
-    with pytest.raises(ValueError, match="no trained nlvr2 head"):
-        cli.main(["evaluate", "nlvr2", "--config", str(vqa_config), "--checkpoint", str(vqa_final)])
+    assert re.search("data.answers=3 but .* was trained on", cli_error(capsys, [
+        "finetune", "vqa", "--config", str(vqa_config), f"model.init={vqa_final}", "data.answers=3",
+        f"train.output_dir={tmp_path / 'vqa2'}"]))
+    assert "no trained nlvr2 head" in cli_error(capsys, ["evaluate", "nlvr2", "--config", str(vqa_config),
+                                                         "--checkpoint", str(vqa_final)])
 
     images = sorted(Path(paths["val"]["images"]).glob("*.png"))[:2]
     assert cli.main(["caption", *map(str, images), "--checkpoint", str(final), "--num-beams", "2"]) == 0
@@ -144,7 +146,43 @@ def test_shipped_configs_validate():
         assert config["train"]["output_dir"] and config["train"]["max_steps"] > 0
 
 
-def test_train_without_output_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="train.output_dir and train.max_steps"):
-        cli.main(["pretrain", "--config", str(_write_config(tmp_path / "c.yaml", {"paths": {"tokenizer": "x"}},
-                                                             {}, tmp_path)), "train.output_dir="])
+def cli_error(capsys, argv: list[str]) -> str:
+    """What `e2evlp argv` prints on stderr when it refuses its input (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_settings_are_clear_errors(tmp_path, capsys):
+    config = str(_write_config(tmp_path / "c.yaml", {"paths": {"tokenizer": "x"}}, {}, tmp_path))
+    assert "train.output_dir and train.max_steps" in cli_error(capsys, ["pretrain", "--config", config,
+                                                                       "train.output_dir="])
+    missing = str(tmp_path / "missing.yaml")
+    assert "missing.yaml does not exist" in cli_error(capsys, ["pretrain", "--config", missing])
+
+
+def test_runs_with_one_seed_start_alike_and_save_readable_files(synthetic, tmp_path, capsys):
+    paths = synthetic["paths"]
+    finals = []
+    for name in ("a", "b"):
+        config = _write_config(tmp_path / f"{name}.yaml", synthetic, {"train": [_coco(paths, "train")]},
+                               tmp_path / name)
+        assert cli.main(["pretrain", "--config", str(config), "train.max_steps=1", "data.batch_size=2",
+                         "train.seed=3"]) == 0
+        finals.append(Path(_json_out(capsys)["final"]) / "model.safetensors")
+    assert finals[0].read_bytes() == finals[1].read_bytes()  # the seed draws the initial weights too
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert finals[0].stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not owner-only
+
+
+def test_a_run_stopped_by_sigterm_exits_143(monkeypatch, capsys):
+    from e2evlp import commands
+    from e2evlp.train import launch
+
+    monkeypatch.setattr(commands, "_load_config", lambda args: {})
+    for stopped, status in (("sigterm", 143), ("done", 0)):
+        monkeypatch.setattr(launch, "train", lambda task, config, stopped=stopped: {"stopped": stopped})
+        assert cli.main(["pretrain", "--config", "unused.yaml"]) == status

@@ -217,6 +217,58 @@ def test_bad_config_values_name_the_field(tmp_path, field, value):
         TrainerConfig(**settings)
 
 
+@pytest.mark.parametrize("field, value", [("lr", "abc"), ("lr", None), ("max_grad_norm", "none"),
+                                          ("weight_decay", [0.1]), ("min_lr_ratio", "0.5")])
+def test_config_values_of_the_wrong_type_name_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"TrainerConfig\.{field} must be"):
+        TrainerConfig(output_dir=str(tmp_path), max_steps=10, **{field: value})
+
+
+def test_a_new_run_refuses_a_folder_with_checkpoints(tmp_path):
+    make_trainer(tmp_path, max_steps=2).train()
+    with pytest.raises(ValueError, match="resume is False but .* already holds checkpoints"):
+        make_trainer(tmp_path, max_steps=4, resume=False).train()
+    assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 2)
+
+
+def test_resuming_with_other_settings_says_what_is_kept(tmp_path):
+    make_trainer(tmp_path, max_steps=2).train()
+    with pytest.warns(UserWarning, match=r"\(lr 0\.01 -> 0\.001, grad_accum_steps 1 -> 2\).* stay those of the "
+                                         r"checkpoint's optimizer"):
+        resumed = make_trainer(tmp_path, max_steps=3, lr=1e-3, grad_accum_steps=2)
+        resumed.train()
+    assert resumed.step == 3
+
+
+def test_optimizer_state_is_keyed_by_parameter_name_and_old_saves_still_resume(tmp_path):
+    make_trainer(tmp_path, max_steps=2).train()
+    path = latest_checkpoint(tmp_path) / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    names = [name for group in state["optimizer"]["param_groups"] for name in group["params"]]
+    assert "embed.0.weight" in names and all(isinstance(name, str) for name in names)
+    trainer = make_trainer(tmp_path / "index-keyed", max_steps=2)
+    trainer.train()
+    state["optimizer"] = trainer.optimizer.state_dict()  # how checkpoints of one process used to be keyed
+    torch.save(state, path)
+    resumed = make_trainer(tmp_path, max_steps=3)
+    resumed.train()
+    assert resumed.step == 3
+
+
+def test_resume_on_another_number_of_processes_keeps_the_share_of_the_epoch(tmp_path, monkeypatch):
+    from e2evlp.train import trainer as trainer_module
+
+    trainer = make_trainer(tmp_path, max_steps=2)
+    path = tmp_path / "step-00000002"
+    assert trainer._resumed_batch(path, {"batch_in_epoch": 3, "world_size": 1}) == 3
+    monkeypatch.setattr(trainer_module.dist_utils, "world_size", lambda: 2)
+    with pytest.warns(UserWarning, match="saved by 1 processes and resumes on 2: epoch 0 continues at batch 1"):
+        assert trainer._resumed_batch(path, {"batch_in_epoch": 3, "world_size": 1}) == 1
+    monkeypatch.setattr(trainer_module.dist_utils, "world_size", lambda: 1)
+    with pytest.warns(UserWarning, match="at batch 6 of each rank"):  # 4 x 2 batches, but 6 in an epoch here
+        assert trainer._resumed_batch(path, {"batch_in_epoch": 2, "world_size": 4}) == 6
+
+
 @pytest.fixture(scope="module")
 def torchrun_results(tmp_path_factory):
     """One 2-process torchrun (gloo, CPU) that trains under DDP, then under FSDP2 (tests/ddp_worker.py)."""
@@ -251,3 +303,8 @@ def test_two_process_run_keeps_ranks_identical_and_resumes(torchrun_results, mod
 def test_fsdp_and_ddp_train_alike(torchrun_results):
     ddp, fsdp = (torch.load(torchrun_results / f"{mode}-rank0.pt")["full"] for mode in ("ddp", "fsdp"))
     torch.testing.assert_close(fsdp, ddp, rtol=1e-4, atol=1e-5)
+    crossed = torch.load(torchrun_results / "ddp-to-fsdp-rank0.pt")["resumed"]  # a DDP checkpoint resumed by FSDP
+    torch.testing.assert_close(crossed, ddp, rtol=1e-4, atol=1e-5)
+    for mode in ("ddp", "fsdp"):  # the task losses are all ranks' means, like the loss, so they add up to it
+        for record in read_log(torchrun_results / mode / "full"):
+            assert record["loss"] == pytest.approx(sum(record["losses"].values()), rel=1e-5)

@@ -52,6 +52,8 @@ def train(task: str, config: dict) -> dict:
     if task == "vqa":
         answers = _answers_for(config)
         fields["num_answers"] = len(answers)
+    # The same seed on every rank before the weights are drawn: FSDP2 does not broadcast them as DDP does.
+    torch.manual_seed(seed)
     model = build_model(task, config, tokenizer, **fields)
     dataset = build_dataset(task, config, "train", train=True, answers=answers, seed=seed)
     check_detection_labels(dataset, model.config)

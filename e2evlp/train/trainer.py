@@ -8,6 +8,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -30,6 +31,9 @@ from e2evlp.train.logging import RunLogger, Window, batch_size, batch_tokens, re
 from e2evlp.train.optim import DECAYS, build_optimizer, warmup_schedule
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Settings that shape the optimization itself: changing them on resume does not continue the same run.
+TRAJECTORY_SETTINGS = ("lr", "backbone_lr", "weight_decay", "warmup_steps", "decay", "min_lr_ratio",
+                       "grad_accum_steps", "max_grad_norm", "precision", "seed")
 
 
 @dataclass
@@ -60,28 +64,34 @@ class TrainerConfig:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        # Predicates, evaluated in order, so that a value of the wrong type fails its own check by name.
         checks = {
-            "output_dir": (bool(str(self.output_dir)), "a non-empty path"),
-            "max_steps": (is_int(self.max_steps) and self.max_steps >= 1, "an int >= 1"),
-            "lr": (self.lr > 0, "> 0"),
-            "backbone_lr": (self.backbone_lr >= 0, ">= 0"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "warmup_steps": (is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps,
+            "output_dir": (lambda: bool(str(self.output_dir)), "a non-empty path"),
+            "max_steps": (lambda: is_int(self.max_steps) and self.max_steps >= 1, "an int >= 1"),
+            "lr": (lambda: is_number(self.lr) and self.lr > 0, "a number > 0"),
+            "backbone_lr": (lambda: is_number(self.backbone_lr) and self.backbone_lr >= 0, "a number >= 0"),
+            "weight_decay": (lambda: is_number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
+            "warmup_steps": (lambda: is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.max_steps,
                              "an int in [0, max_steps]"),
-            "decay": (self.decay in DECAYS, f"one of {DECAYS}"),
-            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-            "grad_accum_steps": (is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1, "an int >= 1"),
-            "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm >= 0, "None or >= 0"),
-            "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
-            "distributed": (self.distributed in dist_utils.MODES, f"one of {dist_utils.MODES}"),
-            "save_every": (is_int(self.save_every) and self.save_every >= 0, "an int >= 0"),
-            "keep_last": (is_int(self.keep_last) and self.keep_last >= 0, "an int >= 0"),
-            "log_every": (is_int(self.log_every) and self.log_every >= 1, "an int >= 1"),
-            "max_nonfinite_steps": (is_int(self.max_nonfinite_steps) and self.max_nonfinite_steps >= 1,
+            "decay": (lambda: self.decay in DECAYS, f"one of {DECAYS}"),
+            "min_lr_ratio": (lambda: is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            "grad_accum_steps": (lambda: is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1,
+                                 "an int >= 1"),
+            "max_grad_norm": (lambda: self.max_grad_norm is None or (is_number(self.max_grad_norm)
+                                                                     and self.max_grad_norm >= 0), "None or >= 0"),
+            "precision": (lambda: self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            "distributed": (lambda: self.distributed in dist_utils.MODES, f"one of {dist_utils.MODES}"),
+            "save_every": (lambda: is_int(self.save_every) and self.save_every >= 0, "an int >= 0"),
+            "keep_last": (lambda: is_int(self.keep_last) and self.keep_last >= 0, "an int >= 0"),
+            "log_every": (lambda: is_int(self.log_every) and self.log_every >= 1, "an int >= 1"),
+            "max_nonfinite_steps": (lambda: is_int(self.max_nonfinite_steps) and self.max_nonfinite_steps >= 1,
                                     "an int >= 1"),
         }
         for name, (valid, requirement) in checks.items():
-            if not valid:
+            if not valid():
                 raise ValueError(f"TrainerConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
         self.output_dir = str(self.output_dir)
 
@@ -92,6 +102,12 @@ def _forward_keys(module: nn.Module) -> set[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
         return None
     return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Each name's mean over the ranks that report it."""
+    names = dict.fromkeys(name for losses in per_rank for name in losses)
+    return {name: sum(r[name] for r in per_rank if name in r) / sum(name in r for r in per_rank) for name in names}
 
 
 class Trainer:
@@ -259,11 +275,10 @@ class Trainer:
                  "elapsed": self.elapsed,
                  "rank_rng": dist_utils.all_gather_objects(dist_utils.torch_rng_state(self.device)),
                  "scaler": None if self.scaler is None else self.scaler.state_dict(),
-                 "config": asdict(self.config)}
-        model_state = optimizer_state = None
-        if self.sharded:
-            model_state = dist_utils.full_model_state_dict(self.model)
-            optimizer_state = dist_utils.full_optimizer_state_dict(self.model, self.optimizer)
+                 "config": asdict(self.config), "world_size": dist_utils.world_size()}
+        model_state = dist_utils.full_model_state_dict(self.model) if self.sharded else None
+        # Keyed by parameter name in every mode, so a run saved by one process or DDP resumes under FSDP too.
+        optimizer_state = dist_utils.full_optimizer_state_dict(self.model, self.optimizer)
         directory = step_dir(self.config.output_dir, self.step)
         if self.is_main:
             save_checkpoint(directory, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -277,11 +292,9 @@ class Trainer:
         path = latest_checkpoint(self.config.output_dir)
         if path is None:
             return None
-        loaders = {}
+        loaders = {"load_optimizer_state": partial(self._load_optimizer_state, path)}
         if self.sharded:
-            loaders = {"load_model_state": partial(dist_utils.load_full_model_state_dict, self.model),
-                       "load_optimizer_state": partial(dist_utils.load_full_optimizer_state_dict, self.model,
-                                                       self.optimizer)}
+            loaders["load_model_state"] = partial(dist_utils.load_full_model_state_dict, self.model)
         state = load_checkpoint(path, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
                                 **loaders)
         extra = state["extra"]
@@ -289,7 +302,9 @@ class Trainer:
             raise ValueError(f"{path} holds no data position: it was not written by Trainer (move it out of "
                              f"output_dir, or set TrainerConfig.resume=False)")
         self._batches = None
-        self.step, self.epoch, self.batch_in_epoch = state["step"], extra["epoch"], extra["batch_in_epoch"]
+        self.step, self.epoch = state["step"], extra["epoch"]
+        self.batch_in_epoch = self._resumed_batch(path, extra)
+        self._warn_changed_settings(path, extra.get("config", {}))
         self.skipped_nonfinite = extra["skipped_nonfinite"]
         self.consecutive_nonfinite = extra["consecutive_nonfinite"]
         self.elapsed = extra["elapsed"]
@@ -302,6 +317,44 @@ class Trainer:
             torch.manual_seed(self.config.seed + rank + self.step)
         return path
 
+    def _load_optimizer_state(self, path: Path, state: dict) -> None:
+        groups = state.get("param_groups") or [{}]
+        if all(isinstance(p, int) for p in groups[0].get("params", [])):  # an index-keyed state (older saves)
+            if self.sharded:
+                raise ValueError(f"{path} keys its optimizer state by parameter index, which FSDP cannot map: "
+                                 f"resume it in one process or under DDP")
+            self.optimizer.load_state_dict(state)
+        else:
+            dist_utils.load_full_optimizer_state_dict(self.model, self.optimizer, state)
+
+    def _resumed_batch(self, path: Path, extra: dict) -> int:
+        """This rank's batch position in the resumed epoch. With another number of ranks than the saved run,
+        the same share of the epoch is taken as done: each rank's batches are then other samples than the
+        uninterrupted run's, so the rest of that epoch may repeat or miss some of them (later epochs do not)."""
+        position, saved_world = extra["batch_in_epoch"], extra.get("world_size", len(extra.get("rank_rng", [0])))
+        world = dist_utils.world_size()
+        if saved_world == world:
+            return position
+        converted = position * saved_world // world
+        if hasattr(self.train_loader, "__len__"):
+            converted = min(converted, len(self.train_loader))
+        if self.is_main:
+            warnings.warn(f"{path} was saved by {saved_world} processes and resumes on {world}: epoch {self.epoch} "
+                          f"continues at batch {converted} of each rank (saved: {position}); the samples of the "
+                          f"rest of this epoch differ from an uninterrupted run's", stacklevel=3)
+        return converted
+
+    def _warn_changed_settings(self, path: Path, saved: dict) -> None:
+        """Resuming keeps the checkpoint's optimizer and schedule: say so when the settings asked for differ."""
+        ours = asdict(self.config)
+        changed = {name: (saved[name], ours[name]) for name in TRAJECTORY_SETTINGS
+                   if name in saved and saved[name] != ours[name]}
+        if changed and self.is_main:
+            listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+            warnings.warn(f"resuming {path} with other settings than it was trained with ({listed}): the learning "
+                          f"rates, weight decay and schedule stay those of the checkpoint's optimizer and scheduler; "
+                          f"start a new output_dir to train with new ones", stacklevel=3)
+
     # The run -----------------------------------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
@@ -311,6 +364,8 @@ class Trainer:
     def _log(self, window: Window, logger: RunLogger) -> tuple[float | None, dict[str, float]]:
         """Writes the window's record; returns its mean loss and task losses."""
         loss, task_losses = window.averages()
+        if dist_utils.world_size() > 1:  # like the loss, the mean over ranks (one gather per record)
+            task_losses = _mean_over_ranks(dist_utils.all_gather_objects(task_losses))
         seconds = max(time.perf_counter() - window.started, 1e-9)
         logger.record({"step": self.step, "epoch": self.epoch, "lr": self._last_lrs, "loss": loss,
                        "losses": task_losses, "grad_norm": window.grad_norm,
@@ -327,6 +382,11 @@ class Trainer:
         (the last one written or resumed from, as a string; None if none)."""
         config = self.config
         started = time.perf_counter()
+        if not config.resume and latest_checkpoint(config.output_dir) is not None:
+            # Its checkpoints would be pruned, logged and resumed from as if they were this run's.
+            raise ValueError(f"TrainerConfig.resume is False but {config.output_dir} already holds checkpoints "
+                             f"({latest_checkpoint(config.output_dir).name}): choose a new output_dir, delete "
+                             f"them, or resume")
         checkpoint = self._resume() if config.resume else None
         if checkpoint is None:
             seed = config.seed + dist_utils.rank()
