@@ -55,6 +55,19 @@ def test_vqa_accuracy_averages_questions():
     assert vqa_accuracy(predictions, annotations) == pytest.approx(1.3 / 3)
 
 
+@pytest.mark.parametrize(("prediction", "answers", "expected"), [
+    ("2", ["two"] * 10, 0.0),  # unanimous answers are compared as given
+    ("yes", ["Yes"] * 10, 0.0),  # not even lowercased (vqaEval.py gives 0 too)
+    ("yes", ["yes"] * 10, 1.0),
+    # Disagreeing answers lose punctuation only: the 2 "2"s match; leaving out a "two" keeps 2 (2/3), a "2" 1.
+    ("2", ["two"] * 8 + ["2"] * 2, (8 * 2 / 3 + 2 * 1 / 3) / 10),
+    ("red", ["the red"] * 4 + ["red"] * 6, 1.0),  # "the red" keeps its article and matches nothing
+    ("black white", ["black/white"] * 3 + ["black"] * 7, 0.9),  # (7 * 1 + 3 * 2/3) / 10
+])
+def test_vqa_accuracy_normalizes_answers_like_the_official_evaluation(prediction, answers, expected):
+    assert vqa_accuracy({1: prediction}, {1: answers}) == pytest.approx(expected)
+
+
 def test_vqa_accuracy_rejects_mismatched_questions():
     with pytest.raises(ValueError, match="annotations"):
         vqa_accuracy({}, {})

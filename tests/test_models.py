@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 
 from e2evlp.models import (
@@ -39,6 +40,32 @@ def test_presets_and_config_errors():
         E2EVLPConfig.tiny(hidden_size=63)
 
 
+@pytest.mark.parametrize("base_init", ["installed", "transformers 4.x"])
+def test_special_token_ids_survive_construction_saving_and_stop_generation(tmp_path, monkeypatch, base_init):
+    if base_init == "transformers 4.x":  # its PretrainedConfig.__init__ sets these from its kwargs, None if absent
+        from transformers import PretrainedConfig
+
+        original = PretrainedConfig.__init__
+
+        def init_4x(self, **kwargs):
+            self.pad_token_id, self.sep_token_id = kwargs.pop("pad_token_id", None), kwargs.pop("sep_token_id", None)
+            original(self, **kwargs)
+
+        monkeypatch.setattr(PretrainedConfig, "__init__", init_4x)
+    ids = dict(pad_token_id=5, cls_token_id=6, sep_token_id=7, mask_token_id=8)
+    torch.manual_seed(0)
+    model = E2EVLPForCaptioning(E2EVLPConfig.tiny(**ids)).eval()
+    model.save_pretrained(tmp_path)
+    again = E2EVLPForCaptioning.from_pretrained(tmp_path).eval()
+    for config in (model.config, again.config):
+        assert {name: getattr(config, name) for name in ids} == ids
+    with torch.no_grad():
+        again.caption_head.decoder.bias[7] = 50.0  # the model is certain to say [SEP] first
+    batch = tiny_batch()
+    for num_beams in (1, 3):
+        assert again.generate(batch["pixel_values"], batch["pixel_mask"], num_beams, max_length=6).tolist() == [[7]] * 2
+
+
 def test_pretraining_losses_and_gradients():
     model = pretrainer()
     out = model(**tiny_batch())
@@ -72,6 +99,27 @@ def test_caption_objective_never_sees_the_text():
     other_text = dict(batch, input_ids=torch.randint(1000, 2000, batch["input_ids"].shape))
     torch.testing.assert_close(with_text, alone)
     torch.testing.assert_close(model(**other_text).losses["caption"], alone)
+
+
+def test_backbone_runs_once_per_step_with_the_losses_and_gradients_of_separate_encodings():
+    model = pretrainer(hidden_dropout_prob=0.0, attention_dropout_prob=0.0)
+    calls = []
+    model.model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    batch = tiny_batch()
+    together = model(**batch)
+    assert len(calls) == 1
+    together.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    caption = ("pixel_values", "pixel_mask", "caption_ids", "caption_mask")
+    joint = model(**{k: v for k, v in batch.items() if k not in caption[2:]})  # the two encodings apart
+    alone = model(**{k: batch[k] for k in caption})
+    for name, loss in {**joint.losses, **alone.losses}.items():
+        torch.testing.assert_close(together.losses[name], loss, msg=name)
+    (joint.loss + alone.loss).backward()
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_fused_and_reference_kernels_agree():
@@ -180,6 +228,18 @@ def test_save_and_load_every_model(tmp_path):
             assert torch.equal(a, b), (cls, k)
 
 
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_loaded_criterion_weights_follow_the_config_eos_coef(tmp_path, kernels):
+    pretrainer(kernels=kernels).save_pretrained(tmp_path)
+    saved = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    assert saved["criterion.empty_weight"][-1] == pytest.approx(0.1)  # DETR's key, kept for drop-in use
+    for overrides, eos_coef in (({}, 0.1), ({"eos_coef": 0.5}, 0.5)):
+        model = E2EVLPForPretraining.from_pretrained(tmp_path, **overrides)
+        expected = torch.ones(model.config.num_classes + 1)
+        expected[-1] = eos_coef
+        assert torch.equal(model.criterion.empty_weight, expected) and model.new_weights == []
+
+
 def test_checkpoint_of_another_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
     with pytest.raises(ValueError, match="holds a 'bert' checkpoint, expected model_type 'e2evlp'"):
@@ -201,29 +261,6 @@ def test_bad_inputs_say_what_was_expected():
         model.model.encode(pixel_values=torch.randn(1, 3, 8, 40))
     with pytest.raises(ValueError, match="got 1 target dicts for 2 images"):
         model(**dict(batch, targets=batch["targets"][:1]))
-
-
-def test_kv_cache_generation_matches_teacher_forcing():
-    torch.manual_seed(0)
-    model = E2EVLPForCaptioning(E2EVLPConfig.tiny()).eval()
-    batch = tiny_batch()
-    pixels, mask = batch["pixel_values"], batch["pixel_mask"]
-    caption = batch["caption_ids"]
-    logits = model(pixels, mask, caption).logits  # predictions after each prefix
-    memory = model.model.encode(pixel_values=pixels, pixel_mask=mask)
-    caches = model._start_cache(memory)
-    for t in range(caption.shape[1] - 1):
-        step = model._step(caption[:, t], t, caches, memory.padding_mask)
-        torch.testing.assert_close(step, logits[:, t], rtol=1e-4, atol=1e-4)
-    greedy = model.generate(pixels, mask, num_beams=1, max_length=6)
-    assert greedy.shape[0] == 2 and greedy.shape[1] <= 6
-    expected = logits.new_zeros(0)
-    first = model._step(torch.full((2,), 101), 0, model._start_cache(memory), memory.padding_mask).argmax(-1)
-    assert torch.equal(greedy[:, 0], first), expected
-    beams = model.generate(pixels, mask, num_beams=3, max_length=6, length_penalty=0.6)
-    assert beams.shape[0] == 2 and beams.dtype == torch.long
-    with pytest.raises(ValueError, match="max_length must be below"):
-        model.generate(pixels, mask, max_length=64)
 
 
 def test_task_models_shapes_and_losses():

@@ -171,3 +171,59 @@ def test_tokenizer(minilm_dir, tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")
+
+
+def _save_bert(directory: Path, drop: str | None = None, add: str | None = None, **overrides) -> Path:
+    """A random BertModel shaped like E2EVLPConfig.tiny(vocab_size=100) (with `overrides`) saved to `directory`;
+    `drop` removes one weight from model.safetensors, `add` adds one."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    fields = {**dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     max_position_embeddings=64, layer_norm_eps=1e-12, hidden_act="gelu"), **overrides}
+    transformers.BertModel(transformers.BertConfig(**fields)).save_pretrained(directory)
+    state = load_file(directory / "model.safetensors")
+    if drop:
+        del state[drop]
+    if add:
+        state[add] = torch.zeros(3)
+    save_file(state, directory / "model.safetensors")
+    return directory
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_hidden_layers=1), "num_encoder_layers=2 but the checkpoint's num_hidden_layers=1"),
+    (dict(num_hidden_layers=3), "num_encoder_layers=2 but the checkpoint's num_hidden_layers=3"),
+    (dict(num_attention_heads=4), "num_attention_heads=2 but the checkpoint's num_attention_heads=4"),
+    (dict(layer_norm_eps=1e-5, hidden_act="gelu_new"),
+     "layer_norm_eps=1e-12 but the checkpoint's layer_norm_eps=1e-05; config hidden_act='gelu' but"),
+])
+def test_load_bert_refuses_a_checkpoint_of_another_shape(tmp_path, overrides, message):
+    from e2evlp.models import E2EVLPConfig, E2EVLPModel
+
+    model = E2EVLPModel(E2EVLPConfig.tiny(vocab_size=100))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        model.load_bert(_save_bert(tmp_path, **overrides))
+
+
+def test_load_bert_refuses_missing_and_unused_weights(tmp_path):
+    from e2evlp.models import E2EVLPConfig, E2EVLPModel
+
+    model = E2EVLPModel(E2EVLPConfig.tiny(vocab_size=100))
+    with pytest.raises(ValueError, match=r"lacks model weights: \['encoder.layers.1.output.weight'\]"):
+        model.load_bert(_save_bert(tmp_path / "a", drop="encoder.layer.1.output.dense.weight"))
+    with pytest.raises(ValueError, match=r"lacks model weights: \['embeddings.LayerNorm.bias'\]"):
+        model.load_bert(_save_bert(tmp_path / "b", drop="embeddings.LayerNorm.bias"))
+    with pytest.raises(ValueError, match=r"weights the model does not use: \['encoder.layers.2.output.bias'\]"):
+        model.load_bert(_save_bert(tmp_path / "c", add="encoder.layer.2.output.dense.bias"))
+    with pytest.raises(ValueError, match=r"weights the model does not use: \['encoder.rel_bias.weight'\]"):
+        model.load_bert(_save_bert(tmp_path / "d", add="encoder.rel_bias.weight"))
+    fits = _save_bert(tmp_path / "e", add="cls.predictions.bias")
+    assert sorted(model.load_bert(fits / "model.safetensors")) == [
+        "cls.predictions.bias", "pooler.dense.bias", "pooler.dense.weight"]
+    saved = load_bert_checkpoint(fits)
+    torch.testing.assert_close(model.encoder.layers[1].attention.query.weight,
+                               saved["encoder.layer.1.attention.self.query.weight"])
+    (fits / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        model.load_bert(fits)

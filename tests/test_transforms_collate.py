@@ -8,7 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from e2evlp.data.collate import PretrainingCollator, SizeBucketBatchSampler, mask_tokens, pad_images
+from e2evlp.data.collate import (
+    PretrainingCollator,
+    SizeBucketBatchSampler,
+    _negative_partners,
+    mask_tokens,
+    pad_images,
+)
 from e2evlp.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -166,7 +172,8 @@ def tiny_samples():
         sample = {"image": Image.new("RGB", size, (40 * i, 80, 120)), "text": text,
                   "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25,
                                       torch.rand(n, 2, generator=g) * 0.2 + 0.1], 1),  # [n, 4] cxcywh
-                  "labels": torch.randint(0, 20, (n,), generator=g), "attributes": torch.randint(-1, 8, (n,))}
+                  "labels": torch.randint(0, 20, (n,), generator=g), "attributes": torch.randint(-1, 8, (n,)),
+                  "image_id": i}
         samples.append(transform(sample))
     return samples
 
@@ -221,6 +228,30 @@ def test_collator_outputs_match_the_model(tokenizer, monkeypatch):
 def test_collator_single_item_has_no_negative(tokenizer):
     batch = PretrainingCollator(tokenizer, itm_negative_fraction=1.0)(tiny_samples()[:1])
     assert batch["itm_labels"].tolist() == [1]
+
+
+def test_itm_negatives_show_another_image_and_another_text():
+    texts = ["a dog on grass", "a brown dog on a lawn", "a red car", "a red car", "a cat"]
+    image_ids = [7, 7, 9, 11, 7]  # 0, 1 and 4: captions of one image; 2 and 3: one caption of two images
+    seen = [set() for _ in texts]
+    for seed in range(200):
+        partners = _negative_partners(texts, image_ids, 1.0, torch.Generator().manual_seed(seed))
+        for i, j in enumerate(partners):
+            seen[i].add(j)
+    assert seen == [{2, 3}, {2, 3}, {0, 1, 4}, {0, 1, 4}, {2, 3}]
+
+
+def test_itm_batch_of_one_image_stays_matched(tokenizer):
+    """Every item's partners would show its own image: no negative at all, whatever the fraction."""
+    same_image = [dict(sample, image_id=3) for sample in tiny_samples()]
+    batch = PretrainingCollator(tokenizer, itm_negative_fraction=1.0)(same_image)
+    assert batch["itm_labels"].tolist() == [1, 1, 1, 1] and (batch["mlm_labels"] != -100).any(1).all()
+    two_images = [dict(sample, image_id=i % 2) for i, sample in enumerate(tiny_samples())]
+    partners = PretrainingCollator(tokenizer, itm_negative_fraction=1.0, mlm_probability=0.0)(two_images)
+    assert partners["itm_labels"].tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="samples need an 'image_id'"):
+        PretrainingCollator(tokenizer)([{k: v for k, v in sample.items() if k != "image_id"}
+                                        for sample in tiny_samples()])
 
 
 def padded_area(batches, sizes):

@@ -84,32 +84,37 @@ def mask_tokens(input_ids: Tensor, attention_mask: Tensor, *, vocab_size: int, m
     return torch.where(replace, random_ids, masked), labels
 
 
-def _negative_partners(texts: Sequence[str], fraction: float, generator: torch.Generator) -> list[int]:
+def _negative_partners(texts: Sequence[str], image_ids: Sequence, fraction: float,
+                       generator: torch.Generator) -> list[int]:
     """For each item, the index whose text it gets: itself (matched) or, for ``fraction`` of the items,
-    another item with a different text (an item whose text every other item shares stays matched)."""
+    another item of a different image with a different text. An item whose every other item shows the same
+    image (or carries the same text) stays matched, so such a batch has fewer negatives than ``fraction``."""
     partners = list(range(len(texts)))
     if len(texts) < 2:
         return partners
     for i in torch.randperm(len(texts), generator=generator)[: round(fraction * len(texts))].tolist():
-        # Compare strings, not indices: a duplicate caption in the batch would be a false negative.
-        others = [j for j, text in enumerate(texts) if text != texts[i]]
+        # Another caption of the same image (5 per COCO image, dozens of VG region phrases) or a duplicate
+        # caption string would be a false "no match".
+        others = [j for j, (text, image) in enumerate(zip(texts, image_ids))
+                  if image != image_ids[i] and text != texts[i]]
         if others:
             partners[i] = others[int(torch.randint(len(others), (), generator=generator))]
     return partners
 
 
 class PretrainingCollator:
-    """Turns transformed samples {"image" [3, H, W], "text", "boxes" [T, 4] cxcywh, "labels" [T],
+    """Turns transformed samples {"image" [3, H, W], "text", "image_id", "boxes" [T, 4] cxcywh, "labels" [T],
     "attributes" [T]} into the keyword arguments of E2EVLPForPretraining.forward.
 
     When the samples carry a "seed" (the datasets of e2evlp.data.datasets set one), ITM partners and MLM masks
     are drawn from a generator seeded by the collator's seed and the samples' seeds in order: the batch is then a
     pure function of its items. Samples without seeds draw from a lazily created, worker-seeded generator.
 
-    ITM negatives pair an image with another item's text. Every text is masked the same way, but only matched
-    pairs carry MLM labels (as in UNITER, MLM is learned on matched pairs only): masking only the matched
-    texts would let the ITM head read the answer off the presence of [MASK]. The caption target is always
-    the item's own, unmasked text.
+    ITM negatives pair an image with the text of an item that shows another image (by "image_id": ids that
+    collide across sources only make negatives rarer) and carries another text; an item with no such partner
+    in the batch stays matched. Every text is masked the same way, but only matched pairs carry MLM labels (as
+    in UNITER, MLM is learned on matched pairs only): masking only the matched texts would let the ITM head
+    read the answer off the presence of [MASK]. The caption target is always the item's own, unmasked text.
     """
 
     def __init__(self, tokenizer, *, max_text_length: int = 40, max_caption_length: int = 40,
@@ -134,7 +139,10 @@ class PretrainingCollator:
         if generator is None:
             generator = self.generator()
         texts = [sample["text"] for sample in samples]
-        partners = _negative_partners(texts, self.itm_negative_fraction, generator)
+        if not all("image_id" in sample for sample in samples):
+            raise ValueError("samples need an 'image_id': ITM negatives must show another image than their text's")
+        partners = _negative_partners(texts, [sample["image_id"] for sample in samples], self.itm_negative_fraction,
+                                      generator)
         itm_labels = torch.tensor([int(j == i) for i, j in enumerate(partners)])  # [B]
         input_ids, attention_mask = tokenize(self.tokenizer, [texts[j] for j in partners], self.max_text_length)
         input_ids, mlm_labels = mask_tokens(

@@ -80,7 +80,8 @@ def _question_accuracy(prediction: str, answers: list[str]) -> float:
 
 
 def vqa_accuracy(predictions: Mapping[Hashable, str], annotations: Mapping[Hashable, Sequence[str]]) -> float:
-    """Official VQA accuracy in [0, 1], averaged over the annotated questions (all must be predicted)."""
+    """Official VQA accuracy in [0, 1] (vqaEval.py's rule), averaged over the annotated questions (all must be
+    predicted)."""
     if not annotations:
         raise ValueError("annotations is empty")
     missing = [qid for qid in annotations if qid not in predictions]
@@ -93,8 +94,12 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], annotations: Mapping[Hasha
     for qid, answers in annotations.items():
         if len(answers) < 2:
             raise ValueError(f"annotations[{qid!r}] needs at least 2 answers for leave-one-out, got {len(answers)}")
-        normalized = [normalize_answer(answer) for answer in answers]
-        total += _question_accuracy(normalize_answer(predictions[qid]), normalized)
+        # As the official vqaEval.py: the prediction is normalized fully, the annotators' answers only for
+        # punctuation and only when they disagree (VQA v2's answers come normalized already), so "2" scores 0
+        # against ten "two" and 0.6 against eight "two" and two "2".
+        if len(set(answers)) > 1:
+            answers = [_strip_punctuation(answer) for answer in answers]
+        total += _question_accuracy(normalize_answer(predictions[qid]), list(answers))
     return total / len(annotations)
 
 

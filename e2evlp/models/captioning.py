@@ -104,8 +104,9 @@ class E2EVLPForCaptioning(PretrainedModule):
     def generate(self, pixel_values, pixel_mask=None, num_beams: int = 1, max_length: int | None = None,
                  length_penalty: float = 1.0) -> torch.Tensor:
         """Caption token ids [B, ≤ max_length] after the [CLS] start token, [SEP]-terminated and
-        [PAD]-filled. Beams are ranked by total log-probability / length ** length_penalty. Call it in
-        eval mode (dropout would make the cache disagree with teacher forcing)."""
+        [PAD]-filled. ``num_beams=1`` is greedy; otherwise beam search (``_beam_search``) ranks captions by
+        total log-probability / length ** length_penalty, the length counting [SEP]. Call it in eval mode
+        (dropout would make the cache disagree with teacher forcing)."""
         config = self.config
         max_length = max_length or config.max_caption_length - 1
         if max_length >= config.max_position_embeddings:
@@ -114,41 +115,81 @@ class E2EVLPForCaptioning(PretrainedModule):
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         with kernels_context(config):
-            return self._beam_search(pixel_values, pixel_mask, num_beams, max_length, length_penalty)
+            memory = self.model.encode(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            if num_beams == 1:
+                return self._greedy(memory, max_length)
+            return self._beam_search(memory, num_beams, max_length, length_penalty)
 
-    def _beam_search(self, pixel_values, pixel_mask, K: int, max_length: int, length_penalty: float):
-        memory = self.model.encode(pixel_values=pixel_values, pixel_mask=pixel_mask)
-        B = memory.hidden.shape[0]
-        N, device = B * K, memory.hidden.device
+    def _greedy(self, memory: EncoderOutput, max_length: int) -> torch.Tensor:
+        caches = self._start_cache(memory)
+        B, device = memory.hidden.shape[0], memory.hidden.device
+        pad, eos = self.config.pad_token_id, self.config.sep_token_id
+        tokens = torch.full((B,), self.config.cls_token_id, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        generated = []
+        for position in range(max_length):
+            tokens = self._step(tokens, position, caches, memory.padding_mask).argmax(dim=-1).masked_fill(finished, pad)
+            generated.append(tokens)
+            finished = finished | (tokens == eos)
+            if bool(finished.all()):
+                break
+        return torch.stack(generated, dim=1)
+
+    def _beam_search(self, memory: EncoderOutput, K: int, max_length: int, length_penalty: float) -> torch.Tensor:
+        """Hugging Face's beam search: per image, K live beams, refilled every step from the top 2K
+        continuations; a continuation ending in [SEP] among the top K goes to the image's pool of K finished
+        captions, scored with the length penalty. An image is done once its pool is full and no live beam
+        can still beat the pool's worst (log-probabilities only lower a sum, so a bound is exact); the
+        search ends when every image is done or at max_length. Returns each image's best finished caption,
+        or its best live beam when none finished."""
+        B, device = memory.hidden.shape[0], memory.hidden.device
+        N, pad, eos = B * K, self.config.pad_token_id, self.config.sep_token_id
         memory = EncoderOutput(memory.hidden.repeat_interleave(K, 0), memory.padding_mask.repeat_interleave(K, 0),
                                memory.position.repeat_interleave(K, 0), 0)
         caches = self._start_cache(memory)
         tokens = torch.full((N,), self.config.cls_token_id, dtype=torch.long, device=device)
-        sequences = torch.empty(N, 0, dtype=torch.long, device=device)
-        scores = torch.zeros(B, K, device=device)
+        live = torch.empty(B, K, 0, dtype=torch.long, device=device)  # [B, K, t]: the live beams' tokens
+        scores = torch.zeros(B, K, device=device)  # their summed log-probabilities
         scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-        finished = torch.zeros(N, dtype=torch.bool, device=device)
-        lengths = torch.zeros(N, device=device)
-        pad, eos = self.config.pad_token_id, self.config.sep_token_id
+        pool = torch.full((B, K, max_length), pad, dtype=torch.long, device=device)  # finished, best first
+        pool_scores = torch.full((B, K), float("-inf"), device=device)
+        pool_lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        first_beam = torch.arange(B, device=device)[:, None] * K
         for position in range(max_length):
             log_probs = F.log_softmax(self._step(tokens, position, caches, memory.padding_mask).float(), dim=-1)
             vocab = log_probs.shape[-1]
-            # A finished hypothesis continues only with [PAD], at no cost, so its score is final.
-            only_pad = torch.full_like(log_probs, float("-inf"))
-            only_pad[:, pad] = 0.0
-            log_probs = torch.where(finished[:, None], only_pad, log_probs)
-            candidates = (scores.view(N, 1) + log_probs).view(B, K * vocab)
-            scores, best = candidates.topk(K, dim=1)  # [B, K]
-            source = (torch.arange(B, device=device)[:, None] * K + best // vocab).view(N)
-            tokens = (best % vocab).view(N)
+            candidates = (scores[..., None] + log_probs.view(B, K, vocab)).view(B, K * vocab)
+            top_scores, top = candidates.topk(2 * K, dim=1)  # [B, 2K], best first
+            top_beams, top_tokens = top // vocab, top % vocab
+            top_seqs = torch.cat([live.gather(1, top_beams[..., None].expand(-1, -1, position)), top_tokens[..., None]],
+                                 dim=2)  # [B, 2K, t+1]
+            is_eos = top_tokens == eos
+            # Only the top K may finish (a finished caption gives up its live slot); done images stay as they are.
+            finishing = is_eos[:, :K] & top_scores[:, :K].isfinite() & ~done[:, None]
+            length = position + 1
+            new_scores = torch.where(finishing, top_scores[:, :K] / length ** length_penalty, float("-inf"))
+            pool_scores, best = torch.cat([pool_scores, new_scores], dim=1).topk(K, dim=1)
+            new_seqs = F.pad(top_seqs[:, :K], (0, max_length - length), value=pad)
+            pool = torch.cat([pool, new_seqs], dim=1).gather(1, best[..., None].expand(-1, -1, max_length))
+            pool_lengths = torch.cat([pool_lengths, torch.full_like(pool_lengths, length)], dim=1).gather(1, best)
+            # The K best continuations that do not end in [SEP] (there are at least K among the 2K: each live
+            # beam ends in [SEP] one way only) stay live, in score order.
+            keep = is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :K]  # [B, K]
+            scores, live = top_scores.gather(1, keep), top_seqs.gather(1, keep[..., None].expand(-1, -1, length))
+            tokens = live[:, :, -1].reshape(N)
+            source = (first_beam + top_beams.gather(1, keep)).view(N)
             for cache in caches:
                 cache.reorder(source)
-            sequences = torch.cat([sequences[source], tokens[:, None]], dim=1)
-            finished, lengths = finished[source], lengths[source]
-            lengths = lengths + (~finished).float()
-            finished = finished | (tokens == eos)
-            if bool(finished.all()):
+            # A live beam ends at a length in [length + 1, max_length] with a sum no higher than its current one.
+            best_length = max_length if length_penalty > 0 else length + 1
+            can_beat = scores.max(dim=1).values / best_length ** length_penalty > pool_scores[:, -1]
+            done = done | (pool_scores[:, -1].isfinite() & ~can_beat)
+            if bool(done.all()):
                 break
-        normalized = scores / lengths.view(B, K).clamp(min=1) ** length_penalty
-        choice = normalized.argmax(dim=1) + torch.arange(B, device=device) * K
-        return sequences[choice]
+        found = pool_scores[:, 0].isfinite()
+        best_live = F.pad(live.gather(1, scores.argmax(dim=1)[:, None, None].expand(-1, 1, live.shape[2]))[:, 0],
+                          (0, max_length - live.shape[2]), value=pad)
+        captions = torch.where(found[:, None], pool[:, 0], best_live)
+        lengths = torch.where(found, pool_lengths[:, 0], live.shape[2])
+        return captions[:, : int(lengths.max())]

@@ -44,6 +44,9 @@ class E2EVLPConfig(PretrainedConfig):
         if max(max_text_length, max_caption_length) > max_position_embeddings:
             raise ValueError(f"max_text_length and max_caption_length must fit max_position_embeddings "
                              f"({max_position_embeddings})")
+        # The base class first: transformers 4.x's __init__ sets pad_token_id and sep_token_id from its kwargs
+        # (None when absent), which would overwrite ours; 5.x leaves them alone.
+        super().__init__(**kwargs)
         self.backbone, self.backbone_trainable_stages = backbone, backbone_trainable_stages
         self.backbone_weights = backbone_weights
         self.hidden_size, self.num_attention_heads = hidden_size, num_attention_heads
@@ -54,7 +57,8 @@ class E2EVLPConfig(PretrainedConfig):
         self.vocab_size, self.max_position_embeddings = vocab_size, max_position_embeddings
         self.type_vocab_size = type_vocab_size
         self.max_text_length, self.max_caption_length = max_text_length, max_caption_length
-        self.cls_token_id, self.sep_token_id, self.mask_token_id = cls_token_id, sep_token_id, mask_token_id
+        self.pad_token_id, self.cls_token_id = pad_token_id, cls_token_id
+        self.sep_token_id, self.mask_token_id = sep_token_id, mask_token_id
         self.num_queries, self.num_classes, self.num_attributes = num_queries, num_classes, num_attributes
         self.num_answers = num_answers
         self.mlm_weight, self.itm_weight = mlm_weight, itm_weight
@@ -66,7 +70,6 @@ class E2EVLPConfig(PretrainedConfig):
         self.kernels, self.gradient_checkpointing = kernels, gradient_checkpointing
         self.unpad_encoder = unpad_encoder
         self.initializer_range = initializer_range
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     @property
     def backbone_stride(self) -> int:

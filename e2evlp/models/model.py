@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,7 +15,14 @@ from e2evlp.models.backbone import VisualBackbone
 from e2evlp.models.config import E2EVLPConfig
 from e2evlp.models.heads import DetectionHeads, Pooler
 from e2evlp.models.pretrained import PretrainedModule
-from e2evlp.models.text import TextEmbeddings, bert_to_e2evlp_state_dict, load_bert_checkpoint
+from e2evlp.models.text import (
+    IGNORED_BERT_KEYS,
+    TextEmbeddings,
+    bert_config_fields,
+    bert_config_mismatches,
+    bert_to_e2evlp_state_dict,
+    load_bert_checkpoint,
+)
 from e2evlp.nn.attention import DecoderBlock, SelfAttentionBlock
 from e2evlp.nn.packing import PackedSequences
 from e2evlp.ops.dispatch import attention_backend, attention_backend_override
@@ -144,17 +152,29 @@ class E2EVLPModel(PretrainedModule):
                 child.apply(partial(init_bert_weights, std=config.initializer_range))
 
     def load_bert(self, path) -> list[str]:
-        """Loads a local Hugging Face BERT checkpoint (directory or file) into the embeddings and encoder;
-        returns the checkpoint keys that were not used (e.g. the pooler's)."""
+        """Loads a local Hugging Face BERT checkpoint (a directory, or a weights file with config.json beside
+        it) into the embeddings and encoder; returns the checkpoint keys it ignores (pooler.*, cls.*).
+
+        A checkpoint that does not fit is a ValueError, never a partial load: its config.json differing from
+        this model's config (layers, heads, sizes, layer_norm_eps, hidden_act), an embedding or encoder weight
+        it lacks (left random), or a weight the model has no place for (a layer dropped)."""
+        path = Path(path)
+        mismatches = bert_config_mismatches(bert_config_fields(path if path.is_dir() else path.parent), self.config)
+        if mismatches:
+            raise ValueError(f"BERT checkpoint {path} does not fit the model: {'; '.join(mismatches)}")
         mapped, unused = bert_to_e2evlp_state_dict(load_bert_checkpoint(path))
         own = self.state_dict()
+        missing = [k for k in own if k.startswith(("embeddings.", "encoder.layers.")) and k not in mapped]
+        extra = [k for k in mapped if k not in own]
+        extra += [k for k in unused if not k.removeprefix("bert.").startswith(IGNORED_BERT_KEYS)]
+        for what, keys in (("lacks model weights", missing), ("has weights the model does not use", extra)):
+            if keys:
+                raise ValueError(f"BERT checkpoint {path} {what}: {keys[:8]}" + (" ..." if len(keys) > 8 else ""))
         for key, value in mapped.items():
-            if key not in own:
-                unused.append(key)
-            elif own[key].shape != value.shape:
+            if own[key].shape != value.shape:
                 raise ValueError(f"checkpoint {key} has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(own[key].shape)}: the config does not match the checkpoint")
-        self.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+                                 f"{tuple(own[key].shape)}: the checkpoint's weights do not match its config.json")
+        self.load_state_dict(mapped, strict=False)
         return unused
 
     def embed_image(self, pixel_values, pixel_mask=None) -> ImageTokens:

@@ -33,6 +33,9 @@ class PretrainedModule(nn.Module):
     """Adds save_pretrained / from_pretrained; subclasses take an E2EVLPConfig as their first argument."""
 
     config: E2EVLPConfig
+    # State computed from the config (e.g. the criterion's eos_coef class weights): saved under its usual key,
+    # but from_pretrained keeps the value built from the config, so an override such as eos_coef takes effect.
+    config_buffers: tuple[str, ...] = ()
 
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Writes config.json and model.safetensors; `state_dict` replaces ``self.state_dict()`` where the
@@ -46,9 +49,10 @@ class PretrainedModule(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **config_overrides):
-        """Builds the model from `directory`'s config and loads its weights. A task model loads from a
-        pre-training checkpoint: weights the task does not use are skipped; missing ones are an error,
-        except the task's own new heads, which keep their initialization (listed in `.new_weights`)."""
+        """Builds the model from `directory`'s config (with `config_overrides`) and loads its weights, except
+        ``config_buffers``. A task model loads from a pre-training checkpoint: weights the task does not use
+        are skipped; missing ones are an error, except the task's own new heads, which keep their
+        initialization (listed in `.new_weights`)."""
         # The saved weights include the backbone's: re-reading the original ImageNet file would be wasted work,
         # and an error on a machine without it.
         model = cls(read_config(directory, **{"backbone_weights": None, **config_overrides}))
@@ -59,7 +63,8 @@ class PretrainedModule(nn.Module):
         own = model.state_dict()
         if not any(k in saved for k in own) and any(k.startswith("model.") for k in saved):
             saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}  # the bare trunk
-        missing = [k for k in own if k not in saved and k not in _tied_to(own, saved)]
+        saved = {k: v for k, v in saved.items() if k not in cls.config_buffers}
+        missing = [k for k in own if k not in saved and k not in cls.config_buffers and k not in _tied_to(own, saved)]
         new_heads = tuple(getattr(cls, "task_heads", ()))
         lacking = [k for k in missing if not (new_heads and k.startswith(new_heads))]
         if lacking:

@@ -62,6 +62,7 @@ class E2EVLPForPretraining(PretrainedModule):
     """
 
     task_heads = ("mlm_head", "itm_head", "caption_head")
+    config_buffers = ("criterion.empty_weight",)  # DETR's class weights: 1 per class, eos_coef for "no object"
 
     def __init__(self, config: E2EVLPConfig):
         super().__init__()
@@ -78,11 +79,17 @@ class E2EVLPForPretraining(PretrainedModule):
                 itm_labels=None, targets=None, caption_ids=None, caption_mask=None,
                 token_type_ids=None) -> PretrainingOutput:
         out = PretrainingOutput(loss=None)
-        joint = None
-        if mlm_labels is not None or itm_labels is not None or targets is not None:
+        joint = image = None
+        joint_tasks = mlm_labels is not None or itm_labels is not None or targets is not None
+        if caption_ids is not None and pixel_values is None:
+            raise ValueError("the caption task needs pixel_values")
+        if pixel_values is not None and (joint_tasks or caption_ids is not None):
+            # The backbone runs once: the joint encoding and captioning's image-only encoding share its tokens.
+            image = self.model.embed_image(pixel_values, pixel_mask)
+        if joint_tasks:
             if mlm_labels is not None and input_ids is None:
                 raise ValueError("mlm_labels need input_ids")
-            joint = self.model.encode(input_ids, attention_mask, pixel_values, pixel_mask, token_type_ids)
+            joint = self.model.encode(input_ids, attention_mask, token_type_ids=token_type_ids, image=image)
         if mlm_labels is not None:
             if mlm_labels.shape != input_ids.shape:
                 raise ValueError(f"mlm_labels must match input_ids {tuple(input_ids.shape)}, got "
@@ -100,9 +107,7 @@ class E2EVLPForPretraining(PretrainedModule):
             out.losses["detection"] = sum(out.detection_losses[k] * w for k, w in self.criterion.weight_dict.items()
                                           if k in out.detection_losses)
         if caption_ids is not None:
-            if pixel_values is None:
-                raise ValueError("the caption task needs pixel_values")
-            image_only = self.model.encode(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            image_only = self.model.encode(image=image)
             hidden = self.model.decode(image_only, caption_ids[:, :-1],
                                        None if caption_mask is None else caption_mask[:, :-1])
             labels = caption_ids[:, 1:]

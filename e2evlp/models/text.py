@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -32,6 +33,15 @@ _LAYER_NAMES = {
 }
 _EMBEDDING_NAMES = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
 _DROPPED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# Checkpoint keys a text encoder has no use for: BERT's pooler and its pre-training heads.
+IGNORED_BERT_KEYS = ("pooler.", "cls.")
+# An E2EVLPConfig field -> the config.json field it must equal for BERT's weights to compute what BERT computes.
+_CONFIG_FIELDS = {
+    "num_encoder_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
+    "hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps", "hidden_act": "hidden_act",
+}
 _LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
 _EMBEDDING_KEY = re.compile(r"embeddings\.(\w+)\.(weight|bias)")
 
@@ -192,6 +202,18 @@ def bert_config_fields(path: str | Path) -> dict:
         raise ValueError(f"{config_file} has position_embedding_type={position_type!r}; only 'absolute' "
                          "position embeddings map onto E2E-VLP's text embeddings")
     return {name: config.get(name, default) for name, default in _BERT_DEFAULTS.items()}
+
+
+def bert_config_mismatches(fields: dict, config) -> list[str]:
+    """Where an E2EVLPConfig differs from a checkpoint's ``bert_config_fields``, one ``"config <field>=<value>
+    but the checkpoint's <field>=<value>"`` per field; empty when the checkpoint fits."""
+    mismatches = []
+    for ours, theirs in _CONFIG_FIELDS.items():
+        mine, value = getattr(config, ours), fields[theirs]
+        same = math.isclose(mine, value, rel_tol=1e-6) if ours == "layer_norm_eps" else mine == value
+        if not same:
+            mismatches.append(f"config {ours}={mine!r} but the checkpoint's {theirs}={value!r}")
+    return mismatches
 
 
 def load_tokenizer(path: str | Path):
