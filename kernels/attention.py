@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from e2evlp.kernels.attention_configs import AUTOTUNE_KEY, PRUNE, configs, length_bucket
+from e2evlp.kernels.attention_configs import TUNING, configs, length_bucket
 
 LOG2E = 1.4426950408889634
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -138,8 +138,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=configs("fwd"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
-@triton.jit
+@triton.autotune(configs=configs("fwd"), **TUNING)
+@triton.jit(do_not_specialize=["seed"])  # a seed divisible by 16 must not compile another variant
 def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
                    s_kpm_b, s_mb, s_mh, s_mm, s_mn,

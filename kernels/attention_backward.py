@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 from e2evlp.kernels.attention import Problem, _keep, _key_stop, _program_sequence, _scores, _unmasked_end
-from e2evlp.kernels.attention_configs import AUTOTUNE_KEY, PRUNE, configs
+from e2evlp.kernels.attention_configs import TUNING, configs
 
 DELTA_BLOCK_M = 32  # the preprocess reads two [32, D] tiles per program: memory-bound, no tuning needed
 
@@ -79,8 +79,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, start_m, offs_m, offs_n, o
     return dk, dv
 
 
-@triton.autotune(configs=configs("dkdv"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
-@triton.jit
+@triton.autotune(configs=configs("dkdv"), **TUNING)
+@triton.jit(do_not_specialize=["seed"])  # a seed divisible by 16 must not compile another variant
 def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KEND, MASK, CU_Q, CU_K,
                         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
                         s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_kpm_b, s_mb, s_mh, s_mm, s_mn,
@@ -156,8 +156,8 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, off
     return dq
 
 
-@triton.autotune(configs=configs("dq"), key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
-@triton.jit
+@triton.autotune(configs=configs("dq"), **TUNING)
+@triton.jit(do_not_specialize=["seed"])  # a seed divisible by 16 must not compile another variant
 def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, KEND, MASK, CU_Q, CU_K,
                       s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
                       s_dqb, s_dqh, s_dqm, s_kpm_b, s_mb, s_mh, s_mm, s_mn,

@@ -11,6 +11,8 @@ added whenever no candidate is sure to.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -86,8 +88,15 @@ def device_budget(device: torch.device) -> tuple[int, int]:
     return (9 if props.major in (9, 10) else 8), props.shared_memory_per_block_optin
 
 
+def tuning_enabled() -> bool:
+    """E2EVLP_ATTENTION_AUTOTUNE=0 runs each pass with one config that surely fits, without timing others:
+    for correctness tests, where compiling and timing every candidate per shape is minutes of waste."""
+    return os.environ.get("E2EVLP_ATTENTION_AUTOTUNE", "1") != "0"
+
+
 def prune(configs: list, named_args: dict, **kwargs) -> list:
-    """The running GPU's candidates that may fit, plus the fallback when none is sure to fit."""
+    """The running GPU's candidates that may fit, plus the fallback when none is sure to fit (only the first
+    that is sure to fit, or the fallback, when tuning is off)."""
     if len(configs) == 1:
         return configs
     q = named_args["Q"]
@@ -95,9 +104,18 @@ def prune(configs: list, named_args: dict, **kwargs) -> list:
     kernel_pass = origin(configs[0])[0]
     sizes = {id(c): shared_bytes(kernel_pass, c, kwargs["D_PAD"], q.element_size(), major) for c in configs}
     kept = [c for c in configs if origin(c)[1] == major and sizes[id(c)][0] <= limit]
-    if not any(sizes[id(c)][1] <= limit for c in kept):
+    sure = [c for c in kept if sizes[id(c)][1] <= limit]
+    if not tuning_enabled():
+        return sure[:1] or [fallback(kernel_pass, major)]
+    if not sure:
         kept.append(fallback(kernel_pass, major))
     return kept
+
+
+def _bench(kernel_call, quantiles):
+    # Triton's default (25 ms warm-up, 100 ms of repeats per config) is ~2 s per shape bucket for 14 configs;
+    # a few milliseconds of each already rank these kernels.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 def length_bucket(length: int) -> int:
@@ -108,3 +126,4 @@ def length_bucket(length: int) -> int:
 
 AUTOTUNE_KEY = ["TUNE_LQ", "TUNE_LK", "D_PAD", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "IS_VARLEN", "HAS_DROPOUT"]
 PRUNE = {"early_config_prune": prune}
+TUNING = {"key": AUTOTUNE_KEY, "prune_configs_by": PRUNE, "do_bench": _bench}

@@ -58,7 +58,8 @@ def compile_launch(kernel, args, kwargs, config, arch):
         if param.is_constexpr:
             signature[name], consts[name] = "constexpr", bound[name]
             continue
-        kind, spec = native_specialize_impl(BaseBackend, bound[name], False, True, True)
+        kind, spec = native_specialize_impl(BaseBackend, bound[name], False, not param.do_not_specialize,
+                                            not getattr(param, "do_not_specialize_on_alignment", False))
         if kind == "constexpr":
             signature[name], consts[name] = "constexpr", spec
         else:
@@ -211,3 +212,19 @@ def test_lengths_tune_by_power_of_two_bucket():
     from e2evlp.kernels.attention_configs import length_bucket
 
     assert [length_bucket(n) for n in (0, 1, 16, 17, 300, 512, 513, 990)] == [16, 16, 16, 32, 512, 512, 1024, 1024]
+
+
+@pytest.mark.parametrize("major, limit", [(9, 227 * 1024), (8, 163 * 1024), (8, 99 * 1024)])
+@pytest.mark.parametrize("d_pad", [64, 256])
+def test_pruning_with_tuning_off_keeps_one_config_that_fits(monkeypatch, major, limit, d_pad):
+    import torch
+    from e2evlp.kernels import attention_configs as C
+
+    monkeypatch.setattr(C, "device_budget", lambda device: (major, limit))
+    monkeypatch.setenv("E2EVLP_ATTENTION_AUTOTUNE", "0")
+    q = torch.empty(1, dtype=torch.float32)
+    for kernel_pass in C.CANDIDATES:
+        candidates = [C._config(kernel_pass, g, *c) for g in (8, 9) for c in C.CANDIDATES[kernel_pass][g]]
+        kept = C.prune(candidates, {"Q": q}, D_PAD=d_pad)
+        assert len(kept) == 1 and C.origin(kept[0]) == (kernel_pass, major)
+        assert C.shared_bytes(kernel_pass, kept[0], d_pad, 4, major)[1] <= limit
