@@ -102,14 +102,14 @@ def require(device: torch.device | str | None = None):
     module, reason = _load()
     if module is None:
         raise ExtensionError(reason)
-    if device is not None and torch.device(device).type == "cuda" and not _with_cuda(module):
-        raise ExtensionError(
-            "e2evlp._C was built without its CUDA kernels (CPU only); install a CUDA build of torch and the "
-            f"CUDA toolkit (nvcc), then {REBUILD} (FORCE_CUDA=1 makes a missing toolkit an error)."
-        )
-    if device is not None and torch.device(device).type == "cuda":
-        index = torch.device(device).index
-        _check_arch(module, torch.cuda.current_device() if index is None else index)
+    device = None if device is None else torch.device(device)
+    if device is not None and device.type == "cuda":
+        if not _with_cuda(module):
+            raise ExtensionError(
+                "e2evlp._C was built without its CUDA kernels (CPU only); install a CUDA build of torch and the "
+                f"CUDA toolkit (nvcc), then {REBUILD} (FORCE_CUDA=1 makes a missing toolkit an error)."
+            )
+        _check_arch(module, torch.cuda.current_device() if device.index is None else device.index)
     return module
 
 

@@ -7,8 +7,8 @@ import json
 import os
 
 FINETUNE_TASKS = ("vqa", "nlvr2", "caption", "retrieval")
-STOPPED_BY_SIGTERM = 143
 EVALUATE_TASKS = ("pretrain", "vqa", "nlvr2", "caption", "retrieval", "detection")
+STOPPED_BY_SIGTERM = 143  # exit status of a run that SIGTERM stopped at a checkpoint: 128 + SIGTERM
 
 
 def _print_json(payload: dict) -> None:

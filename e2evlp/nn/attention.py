@@ -252,7 +252,8 @@ class QKVAttention(nn.Module):
             q, k, v = (proj(x).view(total, self.num_heads, C // self.num_heads)
                        for proj, x in ((self.query, query), (self.key, key), (self.value, value)))
             out = ops.attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
-                                       packed.max_seqlen, causal=causal, dropout_p=dropout_p)  # [total, H, D]
+                                       packed.max_seqlen, causal=causal, dropout_p=dropout_p,
+                                       validate=False)  # [total, H, D]; PackedSequences built the offsets
             return out.reshape(total, C)
         q, k, v = (split_heads(proj(x), self.num_heads)
                    for proj, x in ((self.query, query), (self.key, key), (self.value, value)))

@@ -382,11 +382,10 @@ class Trainer:
         (the last one written or resumed from, as a string; None if none)."""
         config = self.config
         started = time.perf_counter()
-        if not config.resume and latest_checkpoint(config.output_dir) is not None:
-            # Its checkpoints would be pruned, logged and resumed from as if they were this run's.
+        existing = None if config.resume else latest_checkpoint(config.output_dir)
+        if existing is not None:  # its checkpoints would be pruned, logged and resumed from as if this run's
             raise ValueError(f"TrainerConfig.resume is False but {config.output_dir} already holds checkpoints "
-                             f"({latest_checkpoint(config.output_dir).name}): choose a new output_dir, delete "
-                             f"them, or resume")
+                             f"({existing.name}): choose a new output_dir, delete them, or resume")
         checkpoint = self._resume() if config.resume else None
         if checkpoint is None:
             seed = config.seed + dist_utils.rank()
