@@ -1,4 +1,4 @@
-"""Human-readable device names for results files: the GPU as torch reports it, or the CPU model."""
+"""Device helpers below every layer: readable device names, moving batches, whether Triton interprets."""
 
 from __future__ import annotations
 
@@ -21,3 +21,19 @@ def device_name(device: torch.device | str) -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
+
+
+def triton_interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where Triton kernels run on the CPU (one program at a time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def batch_to_device(batch, device: torch.device):
+    """`batch` with every tensor in it (nested in dicts, lists and tuples) moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: batch_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to_device(v, device) for v in batch)
+    return batch

@@ -16,7 +16,7 @@ import os
 import torch
 import triton
 
-from e2evlp.ops.dispatch import triton_interpreting
+from e2evlp.devices import triton_interpreting
 
 # In the dK/dV pass BLOCK_N is the key block a program owns and BLOCK_M the query step it streams; in the
 # forward and dQ passes a program owns BLOCK_M queries and streams BLOCK_N keys.

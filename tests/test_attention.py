@@ -8,10 +8,9 @@ import torch
 
 from e2evlp import ops, reference
 from e2evlp.reference.attention import allowed_keys
+from tests.helpers import DEVICE, needs_triton
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = needs_triton
 
 
 def qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):

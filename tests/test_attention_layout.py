@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from e2evlp import ops, reference
+from tests.helpers import DEVICE, needs_triton
 
-pytestmark = [pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                 reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU"),
-              pytest.mark.gpu_check]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [needs_triton, pytest.mark.gpu_check]
 
 # q's third sequence starts 2**31 elements into its storage: an int32 offset would wrap to a negative
 # address (a crash or a silent read of other memory). The storage is 4 GiB of address space, of which

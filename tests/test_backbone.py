@@ -15,10 +15,7 @@ from e2evlp.models.backbone import (
     VisualBackbone,
     VisualTokens,
 )
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from tests.helpers import gen
 
 
 def random_bn(channels, seed=0):

@@ -6,10 +6,7 @@ import torchvision.ops
 
 from e2evlp import ops, reference
 from tests.box_helpers import matching_inputs, random_cxcywh, random_xyxy
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from tests.helpers import gen
 
 
 def test_conversions_round_trip():

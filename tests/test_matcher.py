@@ -7,6 +7,7 @@ import torch
 from e2evlp import nn as enn
 from e2evlp import reference
 from tests.box_helpers import detr_batch
+from tests.helpers import gen
 
 WEIGHTS = dict(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
 SIZES = {
@@ -15,10 +16,6 @@ SIZES = {
     "no targets": [0, 0],
     "more targets than queries": [12, 3],
 }
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def total_cost(outputs, targets, pairs, class_cost="softmax"):

@@ -16,6 +16,7 @@ from e2evlp.models import (
     E2EVLPForVQA,
     E2EVLPModel,
 )
+from tests.helpers import needs_triton
 from tests.model_helpers import tiny_batch
 
 
@@ -149,8 +150,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="the encoder packs where the Triton kernels run attention")
+@needs_triton  # the encoder packs where the Triton kernels run attention
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_unpadded_encoder_equals_padded_at_the_real_tokens(checkpointing):
     padded, packed = (pretrainer(hidden_dropout_prob=0.0, attention_dropout_prob=0.0,

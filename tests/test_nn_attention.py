@@ -6,14 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from e2evlp import nn as enn
+from tests.helpers import gen
 
 E, H = 32, 2  # head dim 16: the smallest the fused kernels are built for
 ATOL = 1e-5
 LENGTHS = [(1, 1), (5, 5), (17, 17), (5, 17), (17, 1)]  # (Lq, Lk)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def pair(seed=0, **kwargs):

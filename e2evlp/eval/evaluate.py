@@ -7,11 +7,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from e2evlp.devices import batch_to_device
 from e2evlp.eval.caption_metrics import bleu, cider
 from e2evlp.eval.detection_metrics import detection_ap
 from e2evlp.eval.metrics import classification_accuracy, recall_at_k, vqa_accuracy
 from e2evlp.ops.boxes import box_cxcywh_to_xyxy
-from e2evlp.train.distributed import to_device
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -42,7 +42,7 @@ def evaluate_pretraining(model: nn.Module, batches: Iterable[dict]) -> dict[str,
     device = _device_of(model)
     itm_pred, itm_true, predictions, targets = [], [], [], []
     for batch in batches:
-        batch = to_device(batch, device)
+        batch = batch_to_device(batch, device)
         joint = model.model.encode(**_inputs(batch, "input_ids", "attention_mask", "pixel_values", "pixel_mask"))
         logits = model.itm_head(model.model.pooler(joint.hidden))  # [B, 2]
         itm_pred.append(logits.argmax(-1).cpu())
@@ -95,7 +95,7 @@ def evaluate_vqa(model: nn.Module, batches: Iterable[dict], answer_vocab: Sequen
     device = _device_of(model)
     predictions, annotations = {}, {}
     for batch in batches:
-        inputs = to_device(_inputs(batch, "pixel_values", "pixel_mask", "input_ids", "attention_mask"), device)
+        inputs = batch_to_device(_inputs(batch, "pixel_values", "pixel_mask", "input_ids", "attention_mask"), device)
         best = model(**inputs).logits.argmax(-1).tolist()  # [B]
         for question_id, answer_index, answers in zip(batch["question_ids"], best, batch["answers"]):
             if answers is None:
@@ -112,7 +112,7 @@ def evaluate_nlvr2(model: nn.Module, batches: Iterable[dict]) -> dict[str, float
     device = _device_of(model)
     predictions, labels = [], []
     for batch in batches:
-        inputs = to_device(_inputs(batch, "pixel_values", "pixel_mask", "input_ids", "attention_mask"), device)
+        inputs = batch_to_device(_inputs(batch, "pixel_values", "pixel_mask", "input_ids", "attention_mask"), device)
         predictions.append(model(**inputs).logits.argmax(-1).cpu())
         labels.append(batch["labels"].cpu())
     return {"nlvr2_acc": classification_accuracy(torch.cat(predictions), torch.cat(labels))}

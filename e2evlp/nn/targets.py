@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def pinned_to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`tensor` on `device`; a host tensor goes to a GPU through pinned memory, so the copy does not block
     (a copy from pageable memory waits for the stream: one host sync each)."""
     tensor = tensor.to(dtype) if dtype is not None else tensor
@@ -19,7 +19,7 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | N
 
 def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host-built index array on `device`, without blocking."""
-    return to_device(torch.from_numpy(array), device)
+    return pinned_to_device(torch.from_numpy(array), device)
 
 
 @dataclass
@@ -57,9 +57,9 @@ def pad_targets(targets: list[dict], device: torch.device | str) -> PaddedTarget
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         slots = np.repeat(np.arange(B, dtype=np.int64) * T, counts) + np.arange(counts.sum()) - starts
         index = host_to_device(slots, device)
-        labels[index] = to_device(torch.cat([t["labels"] for t in targets]), device, torch.int64)
-        boxes[index] = to_device(torch.cat([t["boxes"] for t in targets]), device, box_dtype)
+        labels[index] = pinned_to_device(torch.cat([t["labels"] for t in targets]), device, torch.int64)
+        boxes[index] = pinned_to_device(torch.cat([t["boxes"] for t in targets]), device, box_dtype)
         if attributes is not None:
-            attributes[index] = to_device(torch.cat([t["attributes"] for t in targets]), device, torch.int64)
+            attributes[index] = pinned_to_device(torch.cat([t["attributes"] for t in targets]), device, torch.int64)
     return PaddedTargets(labels.view(B, T), boxes.view(B, T, 4), None if attributes is None else attributes.view(B, T),
                          host_to_device(np.asarray(sizes, dtype=np.int64), device), sizes)

@@ -8,14 +8,12 @@ import os
 
 import torch
 
+from e2evlp.devices import triton_interpreting
+
 ATTENTION_BACKENDS = ("triton", "sdpa", "reference")
 # The innermost attention_backend_override last. A plain module-level list, not a ContextVar: torch.compile
 # guards on it, while Dynamo in torch 2.11 cannot trace ContextVar.get (fullgraph compilation fails).
 _OVERRIDES: list[str | None] = []
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache

@@ -96,17 +96,6 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
-def to_device(value, device: torch.device):
-    """`value` with every tensor in it (nested in dicts, lists and tuples) moved to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
-
-
 def torch_rng_state(device: torch.device) -> dict:
     """This rank's torch generators (dropout's stream), to save beside the other ranks'."""
     state = {"cpu": torch.get_rng_state()}

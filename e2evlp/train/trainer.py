@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from e2evlp.devices import batch_to_device
 from e2evlp.train import distributed as dist_utils
 from e2evlp.train.checkpoint import (
     latest_checkpoint,
@@ -213,7 +214,7 @@ class Trainer:
             samples += batch_size(batch)
             tokens += batch_tokens(batch)
             inputs = {k: v for k, v in batch.items() if self.forward_keys is None or k in self.forward_keys}
-            inputs = dist_utils.to_device(inputs, self.device)
+            inputs = batch_to_device(inputs, self.device)
             with dist_utils.gradient_sync(self.model, enabled=micro == accum - 1):
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
