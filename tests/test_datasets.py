@@ -13,7 +13,6 @@ from e2evlp.data.datasets import (
     NLVR2Dataset,
     PretrainingDataset,
     VQADataset,
-    caption_records_from_karpathy,
     split_flip,
 )
 from e2evlp.data.readers import (
@@ -27,19 +26,18 @@ from e2evlp.data.readers import (
     coco_image_paths,
 )
 from e2evlp.data.synthetic import write_synthetic_dataset
-from e2evlp.data.task_collate import (
-    METADATA_KEYS,
-    CaptionCollator,
-    ImageTextCollator,
-    NLVR2Collator,
-    VQACollator,
-    split_metadata,
-)
+from e2evlp.data.task_collate import CaptionCollator, NLVR2Collator, VQACollator
 from e2evlp.data.transforms import (
     Compose,
     Normalize,
     RandomHorizontalFlip,
     RandomResize,
+)
+from tests.data_helpers import (
+    METADATA_KEYS,
+    ImageTextCollator,
+    caption_records_from_karpathy,
+    split_metadata,
     tiny_eval_transforms,
     tiny_train_transforms,
 )

@@ -10,7 +10,6 @@ from e2evlp.eval import (
     cider,
     classification_accuracy,
     detection_ap,
-    normalize_answer,
     recall_at_k,
     tokenize_caption,
     vqa_accuracy,
@@ -18,25 +17,6 @@ from e2evlp.eval import (
 )
 
 # ---------------------------------------------------------------- VQA
-
-
-@pytest.mark.parametrize(
-    ("raw", "normalized"),
-    [
-        ("Two", "2"),
-        ("The dog.", "dog"),
-        ("an apple", "apple"),
-        ("dont", "don't"),
-        ("couldnt've", "couldn't've"),
-        ("black/white", "black white"),
-        ("yes !", "yes"),
-        ("1,000", "1000"),
-        ("2.5", "2.5"),
-        ("  Red\n", "red"),
-    ],
-)
-def test_normalize_answer(raw, normalized):
-    assert normalize_answer(raw) == normalized
 
 
 def test_vqa_accuracy_three_matches_after_normalization():

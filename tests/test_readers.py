@@ -20,7 +20,6 @@ from e2evlp.data.readers import (
     build_answer_vocab,
     coco_image_paths,
     load_image,
-    normalize_answer,
     read_vocab,
 )
 
@@ -288,24 +287,6 @@ def test_visual_genome_region_phrases_become_captions(tmp_path):
 
 
 # ---------------------------------------------------------------- VQA v2
-
-
-@pytest.mark.parametrize(
-    "raw, expected",
-    [
-        ("Two!", "2"),
-        ("a dog", "dog"),
-        ("dont", "don't"),
-        ("The  Cat's toy.", "cat's toy"),
-        ("yes-no", "yes no"),
-        ("1,000", "1000"),
-        ("3.5", "3.5"),
-        ("none", "0"),
-        ("an apple,", "apple"),
-    ],
-)
-def test_normalize_answer(raw, expected):
-    assert normalize_answer(raw) == expected
 
 
 def test_answer_scores_hand_checked():

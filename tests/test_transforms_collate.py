@@ -26,8 +26,8 @@ from e2evlp.data.transforms import (
     mix_seeds,
     resize,
     swap_left_right,
-    tiny_train_transforms,
 )
+from tests.data_helpers import tiny_train_transforms
 
 BOXES = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.75, 0.5, 0.1, 0.3]])  # [2, 4] cxcywh
 

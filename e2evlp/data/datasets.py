@@ -33,16 +33,6 @@ def image_header_size(path: str | Path) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read the image header ({err})") from err
 
 
-def caption_records_from_karpathy(records: Sequence[KarpathyRecord]) -> list[CaptionRecord]:
-    """CaptionRecords for Karpathy-split records, width and height read from each image header (e.g. to
-    pre-train on a Karpathy split). image_id stays Karpathy's "imgid", which does not join with COCO instances."""
-    converted = []
-    for record in records:
-        height, width = image_header_size(record.image_path)
-        converted.append(CaptionRecord(record.image_id, record.image_path, width, height, list(record.captions)))
-    return converted
-
-
 def _empty_boxes() -> Tensor:
     return torch.zeros(0, 4)  # [0, 4]: RandomResize and RandomHorizontalFlip expect boxes on every sample
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2evlp.eval.metrics import normalize_answer, vqa_soft_score
+from e2evlp.answers import normalize_answer, vqa_soft_score
 
 from .readers_base import BadRecord, Reader, int_field, list_field, read_json, str_field, top_level
 

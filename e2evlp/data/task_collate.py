@@ -1,4 +1,4 @@
-"""Collators for the fine-tuning tasks: VQA, NLVR2, captioning and matched image-text (ITM / retrieval) batches."""
+"""Collators for the fine-tuning tasks: VQA, NLVR2 and captioning (also the retrieval gallery) batches."""
 
 from __future__ import annotations
 
@@ -8,15 +8,6 @@ import torch
 from torch import Tensor
 
 from .collate import pad_images, tokenize
-
-# Batch keys that are not arguments of a model's forward: the trainer and the evaluator set them aside by name.
-METADATA_KEYS = ("question_ids", "answers", "identifiers", "image_ids", "references")
-
-
-def split_metadata(batch: dict) -> tuple[dict, dict]:
-    """(model inputs, metadata): ``model(**inputs)`` gets only forward's arguments."""
-    inputs = {key: value for key, value in batch.items() if key not in METADATA_KEYS}
-    return inputs, {key: value for key, value in batch.items() if key in METADATA_KEYS}
 
 
 class _TaskCollator:
@@ -110,15 +101,3 @@ class CaptionCollator(_TaskCollator):
         return dict(pixel_values=pixel_values, pixel_mask=pixel_mask, caption_ids=caption_ids,
                     caption_mask=caption_mask, image_ids=[sample["image_id"] for sample in samples],
                     references=[list(sample["references"]) for sample in samples])
-
-
-class ImageTextCollator(_TaskCollator):
-    """Matched (image, text) items → pixel_values, pixel_mask, input_ids, attention_mask (no masking, no
-    negatives) for ITM scoring and retrieval evaluation with E2EVLPForRetrieval, plus the metadata image_ids."""
-
-    def __call__(self, samples: list[dict]) -> dict:
-        self._check(samples, ("image", "text", "image_id"))
-        pixel_values, pixel_mask = self._pixels([sample["image"] for sample in samples])
-        input_ids, attention_mask = self._text(samples)
-        return dict(pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids,
-                    attention_mask=attention_mask, image_ids=[sample["image_id"] for sample in samples])

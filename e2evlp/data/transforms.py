@@ -189,13 +189,3 @@ def train_transforms(min_size: int = 480, max_size: int = 800, max_longer: int =
 def eval_transforms(size: int = 800, max_longer: int = 1333) -> Compose:
     """DETR's evaluation resize: shorter side ``size``, longer ≤ max_longer; no randomness."""
     return Compose([RandomResize([size], max_longer), Normalize()])
-
-
-def tiny_train_transforms(*, generator: torch.Generator | None = None) -> Compose:
-    """Small images for tests and the demo: shorter side 64–96, longer ≤ 128."""
-    return train_transforms(64, 96, 128, step=16, generator=generator)
-
-
-def tiny_eval_transforms() -> Compose:
-    """Evaluation twin of tiny_train_transforms: shorter side 80, longer ≤ 128."""
-    return eval_transforms(80, 128)
