@@ -1,8 +1,9 @@
 """Drop-in modules on e2evlp's fast ops: matcher, set criterion, MultiheadAttention, transformer layers."""
 
-from e2evlp.nn.attention import DecoderBlock, MultiheadAttention, SelfAttentionBlock
+from e2evlp.nn.attention import DecoderBlock, SelfAttentionBlock
 from e2evlp.nn.criterion import SetCriterion
 from e2evlp.nn.matcher import HungarianMatcher, Matching
+from e2evlp.nn.multihead_attention import MultiheadAttention
 from e2evlp.nn.targets import PaddedTargets, pad_targets
 
 __all__ = [

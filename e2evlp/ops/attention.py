@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from e2evlp import reference
+from e2evlp.ops.attention_cpu import sdpa_attention, sdpa_attention_varlen
 from e2evlp.ops.dispatch import attention_backend
-from e2evlp.reference.attention import allowed_keys
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -102,7 +101,7 @@ def attention(q, k, v, *, key_padding_mask=None, attn_mask=None, causal: bool = 
         return reference.attention(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal,
                                    scale=scale, dropout_p=dropout_p)
     if backend == "sdpa":
-        return _sdpa(q, k, v, key_padding_mask, attn_mask, causal, scale, dropout_p)
+        return sdpa_attention(q, k, v, key_padding_mask, attn_mask, causal, scale, dropout_p)
     _triton_dtype_check(q)
     out, _ = torch.ops.e2evlp.attention_forward(q, k, v, key_padding_mask, attn_mask, None, None, q.shape[2],
                                                 k.shape[2], causal, scale, dropout_p, _dropout_seed(dropout_p))
@@ -135,7 +134,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = attention_backend(q.device)
     if backend != "triton":
-        padded = reference.attention_varlen if backend == "reference" else _sdpa_varlen
+        padded = reference.attention_varlen if backend == "reference" else sdpa_attention_varlen
         return padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, scale=scale,
                       dropout_p=dropout_p)
     _triton_dtype_check(q)
@@ -143,46 +142,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
                                                 int(max_seqlen_k), causal, scale, dropout_p,
                                                 _dropout_seed(dropout_p))
     return out
-
-
-def _sdpa(q, k, v, key_padding_mask, attn_mask, causal, scale, dropout_p):
-    """PyTorch SDPA with our mask conventions; queries with no key are zeroed without NaN."""
-    B, H, Lq, _ = q.shape
-    Lk = k.shape[2]
-    if key_padding_mask is None and attn_mask is None and (not causal or Lq == Lk):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and Lq > 0, scale=scale)
-    allowed, additive = allowed_keys(B, H, Lq, Lk, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                                               causal=causal, device=q.device)
-    if additive is not None:
-        allowed = allowed & ~torch.isneginf(additive)
-    empty = ~allowed.any(-1, keepdim=True)  # [.., Lq, 1]
-    allowed = allowed | empty  # let empty rows attend anywhere, then zero them: no NaN in either pass
-    mask = allowed if additive is None else additive.to(q.dtype).masked_fill(~allowed, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return out.masked_fill(empty, 0.0)
-
-
-def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, scale, dropout_p):
-    """Unpacks into padded [B, H, L, D] with a key padding mask, runs SDPA, packs the result back."""
-    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    B = len(lengths_q)
-    rows_q = torch.arange(max_seqlen_q, device=q.device)[None, :] < lengths_q[:, None]  # [B, Lq]
-    rows_k = torch.arange(max_seqlen_k, device=q.device)[None, :] < lengths_k[:, None]
-    padded_q = q.new_zeros(B, max_seqlen_q, *q.shape[1:])
-    padded_k = k.new_zeros(B, max_seqlen_k, *k.shape[1:])
-    padded_v = v.new_zeros(B, max_seqlen_k, *v.shape[1:])
-    padded_q[rows_q], padded_k[rows_k], padded_v[rows_k] = q, k, v
-    if causal:  # bottom-right per sequence: shift each query by its own Lk - Lq
-        shift = (lengths_k - lengths_q)[:, None, None]
-        rows = torch.arange(max_seqlen_q, device=q.device)[None, :, None]
-        cols = torch.arange(max_seqlen_k, device=q.device)[None, None, :]
-        attn_mask = (cols <= rows + shift)[:, None]  # [B, 1, Lq, Lk]
-    else:
-        attn_mask = None
-    out = _sdpa(padded_q.transpose(1, 2), padded_k.transpose(1, 2), padded_v.transpose(1, 2), ~rows_k, attn_mask,
-                False, scale, dropout_p)
-    return out.transpose(1, 2)[rows_q]
 
 
 @torch.library.custom_op("e2evlp::attention_forward", mutates_args=())

@@ -1,0 +1,227 @@
+"""Drop-in for torch.nn.MultiheadAttention running e2evlp.ops.attention (fused kernels on GPU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e2evlp import ops
+from e2evlp.nn.attention import merge_heads, split_heads
+from e2evlp.ops.attention_cpu import attention_probs
+
+
+def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
+    """An ops attn_mask (None, bool True = attend, or additive float) restricted to bool `allowed`."""
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+def _pad_last(mask: torch.Tensor | None, extra: int, value) -> torch.Tensor | None:
+    """The mask with `extra` columns holding `value` appended to its last (key) dimension."""
+    if mask is None or extra == 0:
+        return mask
+    return F.pad(mask, (0, extra), value=value)
+
+
+def _attention_with_weights(q, k, v, *, key_padding_mask, attn_mask, causal, dropout_p):
+    """The plain path: the same math as ops.attention, also returning the probabilities [B, H, Lq, Lk]."""
+    probs = attention_probs(q, k, key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal)
+    probs = F.dropout(probs, dropout_p) if dropout_p > 0 else probs
+    return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype), probs.to(q.dtype)
+
+
+def _check_ranks(query, key, value) -> bool:
+    """Whether the inputs are batched (3-D); they must share one rank."""
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D")
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"key ({key.dim()}-D) and value ({value.dim()}-D) must have query's rank "
+                         f"({query.dim()}-D)")
+    return query.dim() == 3
+
+
+def _check_batch_first(query, key, value, embed_dim: int) -> None:
+    """[B, Lq, E] query; key and value [B, Lk, ·] of one batch and length."""
+    if query.shape[-1] != embed_dim:
+        raise ValueError(f"query's last dimension is {query.shape[-1]}, expected embed_dim={embed_dim}")
+    if key.shape[:2] != value.shape[:2]:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in batch or length")
+
+
+class MultiheadAttention(nn.Module):
+    """Drop-in for torch.nn.MultiheadAttention running e2evlp.ops.attention (fused kernels on GPU).
+
+    Same constructor, attributes, parameters and state_dict keys as torch's module, so
+    ``ours.load_state_dict(theirs.state_dict())`` works and gives the same outputs. Masks follow torch's
+    conventions: a bool ``attn_mask`` is True where attending is NOT allowed, a float one is added to the
+    scores; its shape is ``[Lq, Lk]`` or ``[B*num_heads, Lq, Lk]``. ``key_padding_mask`` ``[B, Lk]`` is
+    bool (True = ignore that key) or float (added). Differences from torch:
+
+    * ``need_weights`` defaults to False (torch: True), so the fused kernel runs unless weights are asked for.
+      ``need_weights=True`` takes a plain path that computes the weights explicitly with the same math
+      (averaged over heads when ``average_attn_weights``; with dropout applied in training, as torch does).
+    * a query with no key left to attend to (e.g. a fully padded batch row) gets a zero attention output
+      (so the module returns ``out_proj.bias`` there) and zero weights, where torch can return NaN.
+    * ``is_causal=True`` applies the causal mask itself; ``attn_mask`` is optional with it (torch requires
+      one and treats the flag as a hint). When both are given, both apply.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be > 0, got {embed_dim} and {num_heads}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        # torch's Transformer layers read this name
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
+
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.register_parameter("in_proj_weight", None)
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch's initialisation, so freshly built modules train alike
+        for weight in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if weight is not None:
+                nn.init.xavier_uniform_(weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def _batch_first(self, query, key, value, key_padding_mask, batched: bool):
+        """torch's layouts ([L, B, ·], [B, L, ·] with batch_first, or unbatched [L, ·]) as [B, L, ·]."""
+        if not batched:
+            key_padding_mask = key_padding_mask[None] if key_padding_mask is not None else None
+            return query[None], key[None], value[None], key_padding_mask
+        if not self.batch_first:
+            return query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), key_padding_mask
+        return query, key, value, key_padding_mask
+
+    def _input_layout(self, out, batched: bool):
+        """[B, Lq, E] back in the layout the inputs came in."""
+        if not batched:
+            return out[0]
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def _project(self, query, key, value):
+        """[B, Lq, E], [B, Lk, kdim], [B, Lk, vdim] -> q [B, Lq, E], k, v [B, Lk, E]."""
+        E = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.split(E)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = self.in_proj_bias.split(E) if self.in_proj_bias is not None else (None, None, None)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _ops_attn_mask(self, attn_mask, B, Lq, Lk, dtype):
+        """torch's attn_mask ([Lq, Lk] or [B*num_heads, Lq, Lk]; bool True = may NOT attend, or additive) in
+        ops.attention's conventions: bool True = may attend, or additive float."""
+        if attn_mask.dim() not in (2, 3):
+            raise ValueError(f"attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
+        if attn_mask.dim() == 2 and attn_mask.shape != (Lq, Lk):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)}: expected ({Lq}, {Lk})")
+        if attn_mask.dim() == 3 and attn_mask.shape != (B * self.num_heads, Lq, Lk):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)}: expected "
+                             f"({B * self.num_heads}, {Lq}, {Lk}) = (batch * num_heads, Lq, Lk)")
+        if attn_mask.dim() == 3:  # rows are ordered batch-major, head-minor
+            attn_mask = attn_mask.view(B, self.num_heads, Lq, Lk)
+        return ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(dtype)
+
+    def _ops_masks(self, attn_mask, key_padding_mask, B, Lq, Lk, dtype):
+        """torch's masks in ops.attention's conventions: (bool padding [B, Lk] or None, attn_mask or None).
+        A float key_padding_mask is additive, so it joins the attn_mask."""
+        for name, given in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+            if given is not None and given.dtype != torch.bool and not given.is_floating_point():
+                raise TypeError(f"{name} must be bool or floating point, got {given.dtype}")
+        mask = None if attn_mask is None else self._ops_attn_mask(attn_mask, B, Lq, Lk, dtype)
+        if key_padding_mask is None:
+            return None, mask
+        if key_padding_mask.shape != (B, Lk):
+            raise ValueError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)}: expected ({B}, {Lk})")
+        if key_padding_mask.dtype == torch.bool:
+            return key_padding_mask, mask
+        additive = key_padding_mask.to(dtype)[:, None, None, :]
+        if mask is None:
+            return None, additive
+        return None, (_restrict(additive, mask) if mask.dtype == torch.bool else mask + additive)
+
+    def _append_extra_keys(self, q, k, v, padding, mask, causal: bool):
+        """Appends add_bias_kv's learned key and value and add_zero_attn's zeros to k, v [B, Lk, E], keys every
+        query attends to, as in torch. Returns (k, v, padding, mask, causal) over the Lk' keys."""
+        extra = [] if self.bias_k is None else [(self.bias_k, self.bias_v)]
+        if self.add_zero_attn:
+            extra.append((k.new_zeros(1, 1, self.embed_dim), v.new_zeros(1, 1, self.embed_dim)))
+        if not extra:
+            return k, v, padding, mask, causal
+        (B, Lq, E), Lk = q.shape, k.shape[1]
+        if causal:  # bottom-right alignment would shift by the appended keys: mask the real keys only
+            mask = _restrict(mask, torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq))
+        k = torch.cat([k] + [extra_k.expand(B, 1, E) for extra_k, _ in extra], dim=1)
+        v = torch.cat([v] + [extra_v.expand(B, 1, E) for _, extra_v in extra], dim=1)
+        padding = _pad_last(padding, len(extra), False)
+        mask = _pad_last(mask, len(extra), True if mask is not None and mask.dtype == torch.bool else 0.0)
+        return k, v, padding, mask, False
+
+    def _attend(self, q, k, v, padding, mask, causal: bool, need_weights: bool, average_attn_weights: bool):
+        """Heads of q [B, Lq, E] over k, v [B, Lk, E] -> ([B, H, Lq, D], weights or None): the fused op, or the
+        plain path when the weights are asked for."""
+        q, k, v = (split_heads(x, self.num_heads) for x in (q, k, v))  # [B, H, L, D]
+        dropout_p = self.dropout if self.training else 0.0
+        if not need_weights:
+            return ops.attention(q, k, v, key_padding_mask=padding, attn_mask=mask, causal=causal,
+                                 dropout_p=dropout_p), None
+        out, weights = _attention_with_weights(q, k, v, key_padding_mask=padding, attn_mask=mask, causal=causal,
+                                               dropout_p=dropout_p)
+        return out, (weights.mean(1) if average_attn_weights else weights)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        """Inputs [Lq, B, E], [Lk, B, kdim], [Lk, B, vdim] ([B, L, ·] with batch_first; [L, ·] unbatched).
+
+        Returns (attn_output [Lq, B, E] in the input's layout, attn_weights or None): weights are
+        [B, Lq, Lk'] averaged over heads, or [B, num_heads, Lq, Lk'] ([Lq, Lk'], [num_heads, Lq, Lk']
+        unbatched), where Lk' counts the keys added by add_bias_kv and add_zero_attn.
+        Note: need_weights defaults to False here (torch: True); True runs the plain, unfused path.
+        """
+        batched = _check_ranks(query, key, value)
+        query, key, value, key_padding_mask = self._batch_first(query, key, value, key_padding_mask, batched)
+        _check_batch_first(query, key, value, self.embed_dim)
+        q, k, v = self._project(query, key, value)  # [B, Lq, E], [B, Lk, E], [B, Lk, E]
+        padding, mask = self._ops_masks(attn_mask, key_padding_mask, q.shape[0], q.shape[1], k.shape[1], q.dtype)
+        k, v, padding, mask, causal = self._append_extra_keys(q, k, v, padding, mask, is_causal)
+        out, weights = self._attend(q, k, v, padding, mask, causal, need_weights, average_attn_weights)
+        out = self.out_proj(merge_heads(out))  # [B, Lq, E]
+        if weights is not None and not batched:
+            weights = weights[0]
+        return self._input_layout(out, batched), weights
