@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS_DIR, markdown_table, read_records, skip_note, write_json, write_text
+from e2evlp.cli import BENCHMARKS
 
-MODULES = {"lsap": "benchmarks.bench_lsap", "matcher": "benchmarks.bench_matcher", "boxes": "benchmarks.bench_boxes",
-           "attention": "benchmarks.bench_attention", "train-step": "benchmarks.bench_train_step"}
+MODULES = {name: f"benchmarks.bench_{name.replace('-', '_')}" for name in BENCHMARKS}  # the CLI's names, in run order
 THROUGHPUT = ("samples_per_s", "tokens_per_s", "mfu")  # what the train step records beside its time
 
 

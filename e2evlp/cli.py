@@ -80,7 +80,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("lsap", "matcher", "boxes", "attention", "train-step")  # benchmarks/suite.py's MODULES, in run order
+# In run order; each is the script benchmarks/bench_<name>.py of a source checkout (benchmarks/suite.py runs them).
+BENCHMARKS = ("lsap", "matcher", "boxes", "attention", "train-step")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

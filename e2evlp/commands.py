@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import fields
+
+from e2evlp.demo_config import DemoConfig
 
 FINETUNE_TASKS = ("vqa", "nlvr2", "caption", "retrieval")
 EVALUATE_TASKS = ("pretrain", "vqa", "nlvr2", "caption", "retrieval", "detection")
+# DemoConfig's fields that `e2evlp demo` takes as options, with their help
+DEMO_OPTIONS = {"steps": "pre-training steps", "vqa_steps": "VQA fine-tuning steps",
+                "num_train": "synthetic training images", "num_val": "synthetic held-out images"}
 STOPPED_BY_SIGTERM = 143  # exit status of a run that SIGTERM stopped at a checkpoint: 128 + SIGTERM
 
 
@@ -16,10 +22,9 @@ def _print_json(payload: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from e2evlp.demo import DemoConfig, results_table, run_demo
+    from e2evlp.demo import results_table, run_demo
 
-    chosen = {name: getattr(args, name) for name in ("steps", "vqa_steps", "num_train", "num_val")}
-    demo = DemoConfig(**{name: value for name, value in chosen.items() if value is not None})
+    demo = DemoConfig(**{name: getattr(args, name) for name in DEMO_OPTIONS})
     results = run_demo(args.out, demo=demo, draw=not args.no_picture)
     print(results_table(results))
     print(f"\n{results['vqa_method']}; {results['seconds']} s on {results['device']}.")
@@ -79,10 +84,10 @@ def add_commands(commands) -> None:
     """Registers the subcommands on the `e2evlp` parser's subparsers."""
     demo = commands.add_parser("demo", help="synthetic data → pre-train the tiny model → evaluate (the default job)")
     demo.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
-    demo.add_argument("--steps", type=int, default=None, help="pre-training steps (default 2200)")
-    demo.add_argument("--vqa-steps", type=int, default=None, help="VQA fine-tuning steps (default 300)")
-    demo.add_argument("--num-train", type=int, default=None, help="synthetic training images (default 400)")
-    demo.add_argument("--num-val", type=int, default=None, help="synthetic held-out images (default 60)")
+    defaults = {field.name: field.default for field in fields(DemoConfig)}
+    for name, help_text in DEMO_OPTIONS.items():
+        demo.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name],
+                          help=f"{help_text} (default {defaults[name]})")
     demo.add_argument("--no-picture", action="store_true", help="skip demo.png")
     demo.set_defaults(func=cmd_demo)
 

@@ -7,12 +7,12 @@ import json
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from e2evlp.data.synthetic import write_synthetic_dataset
+from e2evlp.demo_config import DemoConfig
 from e2evlp.devices import device_name
 from e2evlp.eval.metrics import vqa_accuracy
 from e2evlp.io import atomic_write
@@ -30,21 +30,6 @@ from e2evlp.train.run_config import validate
 from e2evlp.train.trainer import Trainer, TrainerConfig
 
 METRICS = ("vqa_acc", "itm_acc", "det_ap50", "caption_bleu4", "caption_cider")
-
-
-@dataclass
-class DemoConfig:
-    """Sizes of the default run: ≤ 10 minutes on 2 CPU cores, well under one on a GPU."""
-
-    num_train: int = 400
-    num_val: int = 60
-    image_size: tuple[int, int] = (96, 128)
-    steps: int = 2200
-    vqa_steps: int = 300
-    batch_size: int = 32
-    lr: float = 1e-3
-    seed: int = 0
-    num_workers: int = 0
 
 
 def run_configs(summary: dict, out: Path, demo: DemoConfig) -> dict[str, dict]:

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own layer and those below it; data and eval are siblings that do not
 # import each other. The leaf helpers import nothing of e2evlp but other leaf helpers.
 ORDER = [{"io", "devices", "_ext", "_C", "answers"}, {"kernels"}, {"ops"}, {"nn"}, {"models"}, {"data"}, {"eval"},
-         {"train"}, {"commands", "cli", "demo", "demo_picture", "__main__"}]
+         {"train"}, {"commands", "cli", "demo", "demo_config", "demo_picture", "__main__"}]
 SIBLINGS = [{"data", "eval"}]
 RANK = {part: rank for rank, layer in enumerate(ORDER) for part in layer}
 for siblings in SIBLINGS:
