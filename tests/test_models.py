@@ -16,6 +16,7 @@ from e2evlp.models import (
     E2EVLPForVQA,
     E2EVLPModel,
 )
+from e2evlp.models.model import Decoder
 from tests.helpers import needs_triton
 from tests.model_helpers import tiny_batch
 
@@ -148,6 +149,37 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class PositionsPerLayer:
+    """Decoder memory whose ``position`` is a new tensor at every read, so each decoder layer gets keyword
+    arguments of its own: with a real EncoderOutput all layers get the same, and a layer recomputed in backward
+    with another layer's arguments would go unnoticed."""
+
+    def __init__(self, hidden, padding_mask, positions):
+        self.hidden, self.padding_mask, self._positions = hidden, padding_mask, iter(positions)
+
+    @property
+    def position(self):
+        return next(self._positions)
+
+
+def test_checkpointed_decoder_layers_recompute_with_their_own_keyword_arguments():
+    torch.manual_seed(0)
+    config = E2EVLPConfig.tiny(hidden_dropout_prob=0.0, attention_dropout_prob=0.0)
+    decoder = Decoder(config).train()
+    memory, padding = torch.randn(2, 6, 64), torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    positions = [torch.randn(2, 6, 64) for _ in decoder.layers]
+    hidden, grad_out = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    grads = []
+    for checkpointing in (False, True):
+        decoder.gradient_checkpointing = checkpointing
+        states = decoder(hidden, PositionsPerLayer(memory, padding, positions), causal=True)
+        grads.append(torch.autograd.grad(states[-1], list(decoder.parameters()), grad_out))
+    names = [name for name, _ in decoder.named_parameters()]
+    for name, plain, checkpointed in zip(names, *grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @needs_triton  # the encoder packs where the Triton kernels run attention

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONES = (*RESNETS, "tiny")
+from e2evlp.models.config import BACKBONES
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -11,9 +11,9 @@ from torch import nn
 from e2evlp import ops
 from e2evlp.models.config import E2EVLPConfig
 from e2evlp.models.heads import LMHead
+from e2evlp.models.losses import token_cross_entropy
 from e2evlp.models.model import E2EVLPModel, EncoderOutput, kernels_context
 from e2evlp.models.pretrained import PretrainedModule
-from e2evlp.models.pretraining import token_cross_entropy
 from e2evlp.nn.attention import merge_heads, split_heads
 
 
@@ -36,6 +36,18 @@ class LayerCache:
         """Follows beam search: row i now continues hypothesis index[i]."""
         self.self_k, self.self_v = self.self_k[index], self.self_v[index]
         self.cross_k, self.cross_v = self.cross_k[index], self.cross_v[index]
+
+
+def teacher_forced_captions(model: E2EVLPModel, caption_head: LMHead, memory: EncoderOutput, caption_ids,
+                            caption_mask=None) -> CaptioningOutput:
+    """The decoder's predictions of caption_ids[:, 1:] [B, T-1] from the tokens before each, and their mean
+    cross-entropy over the real (caption_mask 1) tokens: the captioning loss of pre-training and fine-tuning."""
+    input_mask = None if caption_mask is None else caption_mask[:, :-1]
+    logits = caption_head(model.decode(memory, caption_ids[:, :-1], input_mask))
+    labels = caption_ids[:, 1:]
+    if caption_mask is not None:
+        labels = labels.masked_fill(caption_mask[:, 1:] == 0, -100)
+    return CaptioningOutput(logits, token_cross_entropy(logits, labels))
 
 
 class E2EVLPForCaptioning(PretrainedModule):
@@ -64,12 +76,7 @@ class E2EVLPForCaptioning(PretrainedModule):
 
     def forward(self, pixel_values, pixel_mask=None, caption_ids=None, caption_mask=None) -> CaptioningOutput:
         memory = self.model.encode(pixel_values=pixel_values, pixel_mask=pixel_mask)
-        hidden = self.model.decode(memory, caption_ids[:, :-1], None if caption_mask is None else caption_mask[:, :-1])
-        logits = self.caption_head(hidden)
-        labels = caption_ids[:, 1:]
-        if caption_mask is not None:
-            labels = labels.masked_fill(caption_mask[:, 1:] == 0, -100)
-        return CaptioningOutput(logits, token_cross_entropy(logits, labels))
+        return teacher_forced_captions(self.model, self.caption_head, memory, caption_ids, caption_mask)
 
     def _start_cache(self, memory: EncoderOutput) -> list[LayerCache]:
         heads = self.config.num_attention_heads

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
+# Here rather than in models.backbone, which builds them, so the config validates without importing torchvision.
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")
 KERNELS = ("fused", "reference")
 
 

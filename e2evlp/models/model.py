@@ -104,13 +104,14 @@ class Decoder(nn.Module):
         """hidden [B, T, C] -> every layer's output [B, T, C] (DETR's auxiliary losses use them all)."""
         states = []
         for layer in self.layers:
-            kwargs = dict(self_key_padding_mask=self_padding_mask, memory_key_padding_mask=memory.padding_mask,
-                          causal=causal, query_pos=query_pos, memory_pos=memory.position)
+            # Bound now: checkpoint calls it again in backward, after the loop has moved on.
+            run_layer = partial(layer, self_key_padding_mask=self_padding_mask,
+                                memory_key_padding_mask=memory.padding_mask, causal=causal, query_pos=query_pos,
+                                memory_pos=memory.position)
             if self.gradient_checkpointing and self.training:
-                hidden = checkpoint(lambda h, m, layer=layer: layer(h, m, **kwargs), hidden, memory.hidden,
-                                    use_reentrant=False)
+                hidden = checkpoint(run_layer, hidden, memory.hidden, use_reentrant=False)
             else:
-                hidden = layer(hidden, memory.hidden, **kwargs)
+                hidden = run_layer(hidden, memory.hidden)
             states.append(hidden)
         return states
 

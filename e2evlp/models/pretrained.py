@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from torch import nn
 
 from e2evlp.io import atomic_write, without_tied_aliases
@@ -56,23 +57,40 @@ class PretrainedModule(nn.Module):
         # The saved weights include the backbone's: re-reading the original ImageNet file would be wasted work,
         # and an error on a machine without it.
         model = cls(read_config(directory, **{"backbone_weights": None, **config_overrides}))
-        path = Path(directory) / WEIGHTS_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        saved = safetensors.torch.load_file(path)
         own = model.state_dict()
+        saved = cls._loadable_weights(read_weights(directory), own)
+        new_weights = cls._new_weights(own, saved, directory)
+        model.load_state_dict({k: v for k, v in saved.items() if k in own}, strict=False)
+        model.new_weights = new_weights
+        return model
+
+    @classmethod
+    def _loadable_weights(cls, saved: dict, own: dict) -> dict:
+        """`saved` under this model's keys, without ``config_buffers``."""
+        # A task model's checkpoint loaded into the bare trunk (E2EVLPModel) holds it under "model.".
         if not any(k in saved for k in own) and any(k.startswith("model.") for k in saved):
-            saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}  # the bare trunk
-        saved = {k: v for k, v in saved.items() if k not in cls.config_buffers}
-        missing = [k for k in own if k not in saved and k not in cls.config_buffers and k not in _tied_to(own, saved)]
+            saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
+        return {k: v for k, v in saved.items() if k not in cls.config_buffers}
+
+    @classmethod
+    def _new_weights(cls, own: dict, saved: dict, directory: str | os.PathLike) -> list[str]:
+        """The weights of `own` that `saved` lacks, all in the task's new heads (``task_heads``), else a ValueError."""
+        tied = _tied_to(own, saved)
+        missing = [k for k in own if k not in saved and k not in cls.config_buffers and k not in tied]
         new_heads = tuple(getattr(cls, "task_heads", ()))
         lacking = [k for k in missing if not (new_heads and k.startswith(new_heads))]
         if lacking:
-            raise ValueError(f"{path} lacks weights this {cls.__name__} needs: {lacking[:8]}"
-                             + (" ..." if len(lacking) > 8 else ""))
-        model.load_state_dict({k: v for k, v in saved.items() if k in own}, strict=False)
-        model.new_weights = missing
-        return model
+            raise ValueError(f"{Path(directory) / WEIGHTS_NAME} lacks weights this {cls.__name__} needs: "
+                             f"{lacking[:8]}" + (" ..." if len(lacking) > 8 else ""))
+        return missing
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors saved in `directory`'s model.safetensors."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    return safetensors.torch.load_file(path)
 
 
 def _tied_to(own: dict, saved: dict) -> set[str]:

@@ -10,9 +10,11 @@ from torch import nn
 
 from e2evlp import nn as enn
 from e2evlp import reference
+from e2evlp.models.captioning import teacher_forced_captions
 from e2evlp.models.config import E2EVLPConfig
 from e2evlp.models.heads import LMHead
-from e2evlp.models.model import E2EVLPModel, init_bert_weights
+from e2evlp.models.losses import token_cross_entropy
+from e2evlp.models.model import E2EVLPModel, EncoderOutput, ImageTokens, init_bert_weights
 from e2evlp.models.pretrained import PretrainedModule
 
 DETECTION_LOSSES = ["labels", "boxes", "cardinality", "attributes"]
@@ -24,13 +26,6 @@ class PretrainingOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # mlm, itm, detection, caption (those run)
     detection_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # SetCriterion's, unweighted
     detection_outputs: dict | None = None
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over the labelled tokens; 0 (not NaN) when none is labelled."""
-    total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index,
-                            reduction="sum")
-    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def detection_criterion(config: E2EVLPConfig) -> nn.Module:
@@ -78,44 +73,64 @@ class E2EVLPForPretraining(PretrainedModule):
     def forward(self, pixel_values=None, pixel_mask=None, input_ids=None, attention_mask=None, mlm_labels=None,
                 itm_labels=None, targets=None, caption_ids=None, caption_mask=None,
                 token_type_ids=None) -> PretrainingOutput:
-        out = PretrainingOutput(loss=None)
-        joint = image = None
+        """The losses of the tasks whose inputs are given, from one pass of the backbone."""
         joint_tasks = mlm_labels is not None or itm_labels is not None or targets is not None
         if caption_ids is not None and pixel_values is None:
             raise ValueError("the caption task needs pixel_values")
+        out = PretrainingOutput(loss=None)
+        image = None
         if pixel_values is not None and (joint_tasks or caption_ids is not None):
             # The backbone runs once: the joint encoding and captioning's image-only encoding share its tokens.
             image = self.model.embed_image(pixel_values, pixel_mask)
         if joint_tasks:
-            if mlm_labels is not None and input_ids is None:
-                raise ValueError("mlm_labels need input_ids")
-            joint = self.model.encode(input_ids, attention_mask, token_type_ids=token_type_ids, image=image)
-        if mlm_labels is not None:
-            if mlm_labels.shape != input_ids.shape:
-                raise ValueError(f"mlm_labels must match input_ids {tuple(input_ids.shape)}, got "
-                                 f"{tuple(mlm_labels.shape)}")
-            text = joint.hidden[:, : joint.num_text]  # [B, Lt, C]
-            out.losses["mlm"] = token_cross_entropy(self.mlm_head(text), mlm_labels)
-        if itm_labels is not None:
-            logits = self.itm_head(self.model.pooler(joint.hidden))  # [B, 2]
-            out.losses["itm"] = F.cross_entropy(logits.float(), itm_labels)
-        if targets is not None:
-            if len(targets) != joint.hidden.shape[0]:
-                raise ValueError(f"got {len(targets)} target dicts for {joint.hidden.shape[0]} images")
-            out.detection_outputs = self.model.detect(joint)
-            out.detection_losses = self.criterion(out.detection_outputs, targets)
-            out.losses["detection"] = sum(out.detection_losses[k] * w for k, w in self.criterion.weight_dict.items()
-                                          if k in out.detection_losses)
+            joint = self._encode_joint(input_ids, attention_mask, token_type_ids, image, mlm_labels)
+            if mlm_labels is not None:
+                out.losses["mlm"] = self._mlm_loss(joint, input_ids, mlm_labels)
+            if itm_labels is not None:
+                out.losses["itm"] = self._itm_loss(joint, itm_labels)
+            if targets is not None:
+                out.detection_outputs, out.detection_losses = self._detection_losses(joint, targets)
+                out.losses["detection"] = self.criterion.weighted_total(out.detection_losses)
         if caption_ids is not None:
-            image_only = self.model.encode(image=image)
-            hidden = self.model.decode(image_only, caption_ids[:, :-1],
-                                       None if caption_mask is None else caption_mask[:, :-1])
-            labels = caption_ids[:, 1:]
-            if caption_mask is not None:
-                labels = labels.masked_fill(caption_mask[:, 1:] == 0, -100)
-            out.losses["caption"] = token_cross_entropy(self.caption_head(hidden), labels)
-        weights = {"mlm": self.config.mlm_weight, "itm": self.config.itm_weight,
-                   "detection": self.config.detection_weight, "caption": self.config.caption_weight}
+            out.losses["caption"] = self._caption_loss(image, caption_ids, caption_mask)
         if out.losses:
-            out.loss = sum(weights[k] * v for k, v in out.losses.items())
+            out.loss = enn.weighted_total(out.losses, self._task_weights())
         return out
+
+    def _encode_joint(self, input_ids, attention_mask, token_type_ids, image: ImageTokens | None,
+                      mlm_labels) -> EncoderOutput:
+        """Text and image through the encoder together: the input of MLM, ITM and detection."""
+        if mlm_labels is not None and input_ids is None:
+            raise ValueError("mlm_labels need input_ids")
+        return self.model.encode(input_ids, attention_mask, token_type_ids=token_type_ids, image=image)
+
+    def _mlm_loss(self, joint: EncoderOutput, input_ids, mlm_labels) -> torch.Tensor:
+        """Cross-entropy of the masked tokens' predictions from their joint states."""
+        if mlm_labels.shape != input_ids.shape:
+            raise ValueError(f"mlm_labels must match input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(mlm_labels.shape)}")
+        text = joint.hidden[:, : joint.num_text]  # [B, Lt, C]
+        return token_cross_entropy(self.mlm_head(text), mlm_labels)
+
+    def _itm_loss(self, joint: EncoderOutput, itm_labels) -> torch.Tensor:
+        """Cross-entropy of the match / no-match prediction from the pooled [CLS] state."""
+        logits = self.itm_head(self.model.pooler(joint.hidden))  # [B, 2]
+        return F.cross_entropy(logits.float(), itm_labels)
+
+    def _detection_losses(self, joint: EncoderOutput, targets: list[dict]) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The object queries' predictions over the joint encoding, and the criterion's unweighted losses."""
+        if len(targets) != joint.hidden.shape[0]:
+            raise ValueError(f"got {len(targets)} target dicts for {joint.hidden.shape[0]} images")
+        outputs = self.model.detect(joint)
+        return outputs, self.criterion(outputs, targets)
+
+    def _caption_loss(self, image: ImageTokens, caption_ids, caption_mask) -> torch.Tensor:
+        """Teacher-forced captioning over the image encoded alone, so no caption text reaches the decoder."""
+        image_only = self.model.encode(image=image)
+        return teacher_forced_captions(self.model, self.caption_head, image_only, caption_ids, caption_mask).loss
+
+    def _task_weights(self) -> dict[str, float]:
+        """The config's weight of each task's loss in ``loss``."""
+        config = self.config
+        return {"mlm": config.mlm_weight, "itm": config.itm_weight, "detection": config.detection_weight,
+                "caption": config.caption_weight}

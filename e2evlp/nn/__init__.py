@@ -1,7 +1,7 @@
 """Drop-in modules on e2evlp's fast ops: matcher, set criterion, MultiheadAttention, transformer layers."""
 
 from e2evlp.nn.attention import DecoderBlock, SelfAttentionBlock
-from e2evlp.nn.criterion import SetCriterion
+from e2evlp.nn.criterion import SetCriterion, weighted_total
 from e2evlp.nn.matcher import HungarianMatcher, Matching
 from e2evlp.nn.multihead_attention import MultiheadAttention
 from e2evlp.nn.targets import PaddedTargets, pad_targets
@@ -15,4 +15,5 @@ __all__ = [
     "SelfAttentionBlock",
     "SetCriterion",
     "pad_targets",
+    "weighted_total",
 ]

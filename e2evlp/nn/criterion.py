@@ -14,6 +14,11 @@ from e2evlp.ops.boxes import box_losses
 LOSSES = ("labels", "cardinality", "boxes", "attributes")
 
 
+def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Sum of losses[k] * weights[k] over the keys of `weights` that `losses` has (DETR's weight_dict sum)."""
+    return sum(losses[k] * w for k, w in weights.items() if k in losses)
+
+
 class SetCriterion(nn.Module):
     """DETR's SetCriterion with DETR's constructor and forward(outputs, targets) -> dict of losses.
 
@@ -114,4 +119,4 @@ class SetCriterion(nn.Module):
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training objective: sum of losses[k] * weight_dict[k] over the keys weight_dict names."""
-        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+        return weighted_total(losses, self.weight_dict)

@@ -122,3 +122,11 @@ class SetCriterion(nn.Module):
                 losses.update({f"{k}_{i}": v for k, v in self.get_loss(loss, aux, targets, indices, num_boxes,
                                                                        **extra).items()})
         return losses
+
+    def weighted_total(self, losses):
+        """DETR's training objective: the losses named in weight_dict, each times its weight, summed."""
+        total = 0
+        for name, weight in self.weight_dict.items():
+            if name in losses:
+                total = total + losses[name] * weight
+        return total
