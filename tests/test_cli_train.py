@@ -3,13 +3,18 @@
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from e2evlp import cli
 from e2evlp.data.synthetic import write_synthetic_dataset
+from e2evlp.eval import normalize_answer, vqa_accuracy
+from e2evlp.models.text import load_tokenizer
+from e2evlp.train.recipes import TASK_MODELS, build_collator, build_dataset, eval_loader, load_answer_vocab
 from e2evlp.train.run_config import RunConfigError, apply_overrides, load_run_config, parse_override
 
 TINY = {"num_classes": 3, "num_attributes": 4, "hidden_dropout_prob": 0.0, "attention_dropout_prob": 0.0}
@@ -51,6 +56,28 @@ def _json_out(capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@torch.no_grad()
+def _val_predictions(task: str, config_path: Path, checkpoint: Path) -> dict:
+    """The checkpoint's top class per val example (by question id or NLVR2 identifier), run here, not by eval."""
+    config = load_run_config(config_path)
+    model = TASK_MODELS[task].from_pretrained(checkpoint).eval()
+    answers = load_answer_vocab(checkpoint) if task == "vqa" else None
+    collator = build_collator(task, model.config, load_tokenizer(checkpoint), train=False)
+    loader = eval_loader(build_dataset(task, config, "val", train=False, answers=answers), collator, config)
+    predictions = {}
+    for batch in loader:
+        logits = model(**{k: batch[k] for k in ("pixel_values", "pixel_mask", "input_ids", "attention_mask")}).logits
+        keys = batch["question_ids"] if task == "vqa" else batch["identifiers"]
+        predictions.update(zip(keys, logits.argmax(-1).tolist()))
+    return predictions
+
+
+def _vqa_annotations(path) -> dict[int, list[str]]:
+    """Question id → the raw annotator answers, straight from a VQA v2 annotation file."""
+    items = json.loads(Path(path).read_text())["annotations"]
+    return {item["question_id"]: [a["answer"] for a in item["answers"]] for item in items}
+
+
 def test_pretrain_evaluate_finetune_caption(synthetic, tmp_path, capsys):
     paths = synthetic["paths"]
     pretrain_config = _write_config(tmp_path / "pretrain.yaml", synthetic,
@@ -74,9 +101,13 @@ def test_pretrain_evaluate_finetune_caption(synthetic, tmp_path, capsys):
     # No tokenizer in the config: the one exported with model.init (the pre-training run's final/) is used.
     assert cli.main(["finetune", "vqa", "--config", str(vqa_config), "tokenizer=null"]) == 0
     vqa_summary = _json_out(capsys)
-    assert 0.0 <= vqa_summary["eval"]["vqa_acc"] <= 1.0
     vqa_final = Path(vqa_summary["final"])
-    assert len(json.loads((vqa_final / "answer_vocab.json").read_text())) <= 12
+    answers = json.loads((vqa_final / "answer_vocab.json").read_text())
+    predicted = {q: answers[i] for q, i in _val_predictions("vqa", vqa_config, vqa_final).items()}
+    annotations = _vqa_annotations(paths["val"]["vqa_annotations"])
+    assert predicted.keys() == annotations.keys()
+    assert vqa_summary["eval"]["vqa_acc"] == pytest.approx(vqa_accuracy(predicted, annotations))
+    assert len(answers) <= 12
     # A run folder resolves to its final/ export, which holds the tokenizer and the answer list.
     assert cli.main(["evaluate", "vqa", "--config", str(vqa_config), "--checkpoint", str(tmp_path / "vqa")]) == 0
     assert _json_out(capsys)["vqa_acc"] == pytest.approx(vqa_summary["eval"]["vqa_acc"])
@@ -94,11 +125,21 @@ def test_pretrain_evaluate_finetune_caption(synthetic, tmp_path, capsys):
 
 def test_finetune_nlvr2_and_retrieval(synthetic, tmp_path, capsys):
     paths = synthetic["paths"]
+    # The first dev pair only: the dev labels are balanced, so any constant answer would score exactly 0.5 on
+    # them and a swapped label or prediction would go unseen.
+    val_file = tmp_path / "dev-first-pair.json"
+    val_file.write_text(Path(paths["val"]["nlvr2"]).read_text().splitlines()[0] + "\n")
     nlvr2 = {"train": [{"images": paths["train"]["nlvr2_images"], "file": paths["train"]["nlvr2"]}],
-             "val": [{"images": paths["val"]["nlvr2_images"], "file": paths["val"]["nlvr2"]}]}
+             "val": [{"images": paths["val"]["nlvr2_images"], "file": str(val_file)}]}
     config = _write_config(tmp_path / "nlvr2.yaml", synthetic, nlvr2, tmp_path / "nlvr2")
     assert cli.main(["finetune", "nlvr2", "--config", str(config), "data.batch_size=2"]) == 0
-    assert 0.0 <= _json_out(capsys)["eval"]["nlvr2_acc"] <= 1.0
+    nlvr2_summary = _json_out(capsys)
+    predicted = _val_predictions("nlvr2", config, Path(nlvr2_summary["final"]))
+    lines = val_file.read_text().splitlines()
+    truth = {item["identifier"]: int(item["label"] == "True") for item in map(json.loads, lines)}
+    assert predicted.keys() == truth.keys()
+    expected = sum(predicted[key] == label for key, label in truth.items()) / len(truth)
+    assert nlvr2_summary["eval"]["nlvr2_acc"] == pytest.approx(expected)
 
     karpathy = {"karpathy": paths["karpathy"], "images": synthetic["root"], "val_split": "test"}
     config = _write_config(tmp_path / "retrieval.yaml", synthetic, karpathy, tmp_path / "retrieval")
@@ -117,7 +158,15 @@ def test_demo_writes_results_and_picture(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     metrics = {"vqa_acc", "itm_acc", "det_ap50", "caption_bleu4", "caption_cider"}
     assert set(results["before"]) == set(results["after"]) == metrics
-    assert 0 < results["baseline"]["vqa_majority_acc"] <= 1 and results["seconds"] > 0 and results["device"]
+    assert results["seconds"] > 0 and results["device"]
+    # The baseline, from the raw files: a most frequent train answer given to every val question.
+    vqa_files = out / "data" / "vqa"
+    train_answers = Counter(normalize_answer(item["multiple_choice_answer"]) for item in json.loads(
+        (vqa_files / "v2_mscoco_train2014_annotations.json").read_text())["annotations"])
+    majority = results["baseline"]["vqa_majority_answer"]
+    assert train_answers[majority] == max(train_answers.values())
+    val = _vqa_annotations(vqa_files / "v2_mscoco_val2014_annotations.json")
+    assert results["baseline"]["vqa_majority_acc"] == pytest.approx(vqa_accuracy(dict.fromkeys(val, majority), val))
     assert (out / "demo.png").stat().st_size > 0
     assert "| itm_acc |" in capsys.readouterr().out
 

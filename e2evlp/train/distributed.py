@@ -132,11 +132,6 @@ def wrap_model(model: nn.Module, mode: str, device: torch.device, *,
     return model
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module under a DDP wrapper (FSDP2 modules are their own module)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 

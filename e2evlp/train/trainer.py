@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
@@ -10,7 +11,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -111,6 +112,40 @@ def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
     return {name: sum(r[name] for r in per_rank if name in r) / sum(name in r for r in per_rank) for name in names}
 
 
+@dataclass
+class _Accumulated:
+    """One optimizer step's micro-batches: summed loss (on the device), task losses, this rank's samples, tokens."""
+
+    loss: torch.Tensor
+    task_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: int = 0
+    tokens: int = 0
+
+    def count(self, batch: dict) -> None:
+        """Adds a micro-batch's samples and tokens."""
+        self.samples += batch_size(batch)
+        self.tokens += batch_tokens(batch)
+
+    def add(self, output, loss: torch.Tensor, accum: int) -> None:
+        """Adds a micro-batch's loss share (already divided by `accum`) and its task losses."""
+        self.loss += loss
+        for name, value in (getattr(output, "losses", None) or {}).items():
+            self.task_losses[name] = self.task_losses.get(name, 0.0) + value.detach().float() / accum
+
+
+@dataclass
+class _Run:
+    """Where one `train` call stands: why it stopped, the last record's losses, the last checkpoint, its windows."""
+
+    started: float
+    checkpoint: Path | None
+    stopped: str = "done"
+    loss: float | None = None
+    task_losses: dict[str, float] = field(default_factory=dict)
+    window: Window = field(default_factory=Window)
+    totals: Window = field(default_factory=Window)
+
+
 class Trainer:
     """Trains `model` (``model(**batch).loss``, optionally ``.losses`` per task) for `config.max_steps`
     optimizer steps over `train_loader`, repeating it by epochs, under torchrun or in one process.
@@ -203,54 +238,93 @@ class Trainer:
     # One optimizer step --------------------------------------------------------------------------------
 
     def _train_step(self, windows: tuple[Window, ...], logger: RunLogger) -> bool:
-        """Runs `grad_accum_steps` micro-batches and one optimizer step (skipped when the loss is not
-        finite), adds it to `windows`; returns whether any rank asked to stop."""
+        """One optimizer step (skipped when not finite), added to `windows`; returns whether a rank asked to stop."""
+        accumulated = self._accumulate()
+        loss, grad_norm, stop = self._agree(accumulated.loss, self._clipped_grad_norm())
+        lrs = self._learning_rates()
+        finite = self._apply_or_skip(loss, grad_norm, logger)
+        self._advance()
+        self._add_to_windows(windows, accumulated, loss=loss, grad_norm=grad_norm, finite=finite)
+        logger.step(loss, next(iter(lrs.values())))
+        self._last_lrs = lrs
+        return stop
+
+    def _accumulate(self) -> _Accumulated:
+        """Forward and backward of `grad_accum_steps` micro-batches; gradients are reduced on the last one only."""
         accum = self.config.grad_accum_steps
-        loss_sum = torch.zeros((), device=self.device)
-        task_losses: dict[str, torch.Tensor] = {}
-        samples = tokens = 0
+        accumulated = _Accumulated(loss=torch.zeros((), device=self.device))
         for micro in range(accum):
             batch = self._next_batch()
-            samples += batch_size(batch)
-            tokens += batch_tokens(batch)
-            inputs = {k: v for k, v in batch.items() if self.forward_keys is None or k in self.forward_keys}
-            inputs = batch_to_device(inputs, self.device)
-            with dist_utils.gradient_sync(self.model, enabled=micro == accum - 1):
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):
-                    output = self.model(**inputs)
-                loss = output.loss.float() / accum
-                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            loss_sum += loss.detach()
-            for name, value in (getattr(output, "losses", None) or {}).items():
-                task_losses[name] = task_losses.get(name, 0.0) + value.detach().float() / accum
+            accumulated.count(batch)
+            output, loss = self._forward_backward(self._model_inputs(batch), sync=micro == accum - 1)
+            accumulated.add(output, loss, accum)
+        return accumulated
 
+    def _model_inputs(self, batch: dict) -> dict:
+        """The batch entries the model's forward takes, on the device."""
+        inputs = {k: v for k, v in batch.items() if self.forward_keys is None or k in self.forward_keys}
+        return batch_to_device(inputs, self.device)
+
+    def _forward_backward(self, inputs: dict, *, sync: bool) -> tuple[object, torch.Tensor]:
+        """Forward under autocast, backward of the (scaled) loss share; returns the output and the share, detached."""
+        with dist_utils.gradient_sync(self.model, enabled=sync):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                output = self.model(**inputs)
+            loss = output.loss.float() / self.config.grad_accum_steps
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        return output, loss.detach()
+
+    def _clipped_grad_norm(self) -> torch.Tensor:
+        """Unscales fp16 gradients and clips them to `max_grad_norm` (when set); returns their norm before clipping."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
+        return torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
+
+    def _agree(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, bool]:
+        """The step's loss (the mean over ranks), its gradient norm and whether any rank asked to stop."""
         stop_flag = torch.tensor(float(self._stop_requested), device=self.device)
         # One reduction decides for every rank: a NaN on any rank makes the mean NaN, so all skip together.
+        # The step's only reads from the device, after its backward and clipping: nothing waits mid-step.
         loss, stop = dist_utils.all_reduce_mean(torch.stack([loss_sum, stop_flag])).tolist()
-        grad_norm = dist_utils.to_local(grad_norm).item()
+        return loss, dist_utils.to_local(grad_norm).item(), stop > 0
+
+    def _learning_rates(self) -> dict[str, float]:
+        """Each parameter group's learning rate, by group name (else index)."""
+        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+
+    def _apply_or_skip(self, loss: float, grad_norm: float, logger: RunLogger) -> bool:
+        """Applies the step when it is finite, else skips and counts it; returns whether it was applied."""
         # Without a scaler a finite loss can still give non-finite gradients (the scaler skips those itself).
         finite = math.isfinite(loss) and (self.scaler is not None or math.isfinite(grad_norm))
-        lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
         if finite:
-            if self.scaler is None:
-                self.optimizer.step()
-            else:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            self.consecutive_nonfinite = 0
-            self.recent_nonfinite.clear()
+            self._apply()
         else:
-            if self.scaler is not None:
-                self.scaler.update()  # closes the unscale_ above; the scale backs off as for an overflow
-            self.skipped_nonfinite += 1
-            self.consecutive_nonfinite += 1
-            self.recent_nonfinite.append(loss)
-            logger.record({"event": "skipped_nonfinite", "step": self.step + 1, "epoch": self.epoch,
-                           "loss": loss, "grad_norm": grad_norm})
+            self._skip(loss, grad_norm, logger)
+        return finite
+
+    def _apply(self) -> None:
+        """Steps the optimizer (through the fp16 scaler, if any) and ends a streak of non-finite steps."""
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.consecutive_nonfinite = 0
+        self.recent_nonfinite.clear()
+
+    def _skip(self, loss: float, grad_norm: float, logger: RunLogger) -> None:
+        """Leaves the parameters as they are, counts the non-finite step and logs it."""
+        if self.scaler is not None:
+            self.scaler.update()  # closes the unscale_ above; the scale backs off as for an overflow
+        self.skipped_nonfinite += 1
+        self.consecutive_nonfinite += 1
+        self.recent_nonfinite.append(loss)
+        logger.record({"event": "skipped_nonfinite", "step": self.step + 1, "epoch": self.epoch,
+                       "loss": loss, "grad_norm": grad_norm})
+
+    def _advance(self) -> None:
+        """Clears the gradients, moves the schedule and the step count on; stops a too long non-finite streak."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
@@ -259,13 +333,14 @@ class Trainer:
                 f"{self.consecutive_nonfinite} consecutive non-finite losses up to step {self.step} "
                 f"(TrainerConfig.max_nonfinite_steps={self.config.max_nonfinite_steps}); the last losses were "
                 f"{list(self.recent_nonfinite)}: lower the learning rate, check the data, or use bf16/fp32")
+
+    def _add_to_windows(self, windows: tuple[Window, ...], accumulated: _Accumulated, *, loss: float,
+                        grad_norm: float, finite: bool) -> None:
+        """Adds the step to each log window, with the samples and tokens of all ranks."""
         world = dist_utils.world_size()
         for window in windows:
-            window.add(loss=loss, task_losses=task_losses, grad_norm=grad_norm, finite=finite,
-                       samples=samples * world, tokens=tokens * world)
-        logger.step(loss, next(iter(lrs.values())))
-        self._last_lrs = lrs
-        return stop > 0
+            window.add(loss=loss, task_losses=accumulated.task_losses, grad_norm=grad_norm, finite=finite,
+                       samples=accumulated.samples * world, tokens=accumulated.tokens * world)
 
     # Checkpoints --------------------------------------------------------------------------------------
 
@@ -383,49 +458,84 @@ class Trainer:
         (the last one written or resumed from, as a string; None if none)."""
         config = self.config
         started = time.perf_counter()
-        existing = None if config.resume else latest_checkpoint(config.output_dir)
-        if existing is not None:  # its checkpoints would be pruned, logged and resumed from as if this run's
-            raise ValueError(f"TrainerConfig.resume is False but {config.output_dir} already holds checkpoints "
-                             f"({existing.name}): choose a new output_dir, delete them, or resume")
-        checkpoint = self._resume() if config.resume else None
-        if checkpoint is None:
-            seed = config.seed + dist_utils.rank()
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-        elapsed_before = self.elapsed
+        checkpoint = self._start_run()
         logger = RunLogger(config.output_dir, enabled=self.is_main, total_steps=config.max_steps,
                            initial_step=self.step, progress=config.progress, tensorboard=config.tensorboard)
+        run = _Run(started, checkpoint)
+        try:
+            with self._sigterm_requests_stop():
+                self._run_steps(run, logger)
+        finally:
+            logger.close()
+        return self._summary(run)
+
+    def _start_run(self) -> Path | None:
+        """Resumes from output_dir's latest checkpoint, else seeds a fresh run; returns the checkpoint (or None)."""
+        if self.config.resume:
+            checkpoint = self._resume()
+        else:
+            self._refuse_existing_checkpoints()
+            checkpoint = None
+        if checkpoint is None:
+            self._seed()
+        return checkpoint
+
+    def _refuse_existing_checkpoints(self) -> None:
+        """A new run in a folder of checkpoints would prune, log and resume from them as if they were its own."""
+        existing = latest_checkpoint(self.config.output_dir)
+        if existing is not None:
+            raise ValueError(f"TrainerConfig.resume is False but {self.config.output_dir} already holds checkpoints "
+                             f"({existing.name}): choose a new output_dir, delete them, or resume")
+
+    def _seed(self) -> None:
+        """Seeds Python, NumPy and torch with `config.seed` plus the rank."""
+        seed = self.config.seed + dist_utils.rank()
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    @contextlib.contextmanager
+    def _sigterm_requests_stop(self):
+        """Within it, SIGTERM asks the run to stop after the step in flight (in the main thread only)."""
         # Signal handlers can only be installed from the main thread; elsewhere SIGTERM keeps its meaning.
         handles_sigterm = threading.current_thread() is threading.main_thread()
         if handles_sigterm:
             previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
-        stopped, loss, task_losses = "done", None, {}
-        window, totals = Window(), Window()
         try:
-            while self.step < config.max_steps:
-                stop_requested = self._train_step((window, totals), logger)
-                self.elapsed = elapsed_before + time.perf_counter() - started
-                done = self.step == config.max_steps
-                if stop_requested and not done:
-                    stopped = "sigterm"
-                if self.step % config.log_every == 0 or done or stopped == "sigterm":
-                    loss, task_losses = self._log(window, logger)
-                    window = Window()
-                if done or stopped == "sigterm" or (config.save_every and self.step % config.save_every == 0):
-                    checkpoint = self._save()
-                if stopped == "sigterm":
-                    break
+            yield
         finally:
             if handles_sigterm:
                 # None: a handler installed outside Python, which cannot be put back; the default is closest.
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
             self._stop_requested = False
-            logger.close()
-        seconds = time.perf_counter() - started
+
+    def _run_steps(self, run: _Run, logger: RunLogger) -> None:
+        """Optimizer steps up to `max_steps`, or fewer when a rank asks to stop."""
+        elapsed_before = self.elapsed
+        while self.step < self.config.max_steps:
+            stop_requested = self._train_step((run.window, run.totals), logger)
+            self.elapsed = elapsed_before + time.perf_counter() - run.started
+            done = self.step == self.config.max_steps
+            if stop_requested and not done:
+                run.stopped = "sigterm"
+            self._log_and_save_when_due(run, logger, final=done or run.stopped == "sigterm")
+            if run.stopped == "sigterm":
+                break
+
+    def _log_and_save_when_due(self, run: _Run, logger: RunLogger, *, final: bool) -> None:
+        """Writes a log record every `log_every` steps and a checkpoint every `save_every`, both at the last step."""
+        if final or self.step % self.config.log_every == 0:
+            run.loss, run.task_losses = self._log(run.window, logger)
+            run.window = Window()
+        if final or (self.config.save_every and self.step % self.config.save_every == 0):
+            run.checkpoint = self._save()
+
+    def _summary(self, run: _Run) -> dict:
+        """What `train` returns (see there)."""
+        seconds = time.perf_counter() - run.started
         batches_per_epoch = len(self.train_loader) if hasattr(self.train_loader, "__len__") else 0
         epochs = self.epoch + self.batch_in_epoch / batches_per_epoch if batches_per_epoch else self.epoch
         return {"steps": self.step, "epochs": epochs, "skipped_nonfinite": self.skipped_nonfinite,
-                "stopped": stopped, "samples_per_s": totals.samples / seconds, "tokens_per_s": totals.tokens / seconds,
-                "loss": loss, "losses": task_losses, "seconds": seconds,
-                "checkpoint": None if checkpoint is None else str(checkpoint)}
+                "stopped": run.stopped, "samples_per_s": run.totals.samples / seconds,
+                "tokens_per_s": run.totals.tokens / seconds, "loss": run.loss, "losses": run.task_losses,
+                "seconds": seconds, "checkpoint": None if run.checkpoint is None else str(run.checkpoint)}
