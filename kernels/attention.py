@@ -17,8 +17,12 @@ import triton
 import triton.language as tl
 from e2evlp.kernels.attention_configs import TUNING, configs, length_bucket
 
-LOG2E = 1.4426950408889634
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+# tl.constexpr values, so that @triton.jit code may read them (Triton rejects other globals); the
+# launchers pass the mask kind as a plain int (MASK_BOOL.value), which the kernels compare with these.
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are scaled by log2(e) so that softmax runs on exp2
+MASK_NONE = tl.constexpr(0)  # MASK_KIND: no attn_mask
+MASK_BOOL = tl.constexpr(1)  # a bool attn_mask, True = may attend
+MASK_ADD = tl.constexpr(2)  # an additive (float) attn_mask
 MAX_GRID_YZ = 65535  # sequences go on grid axis 2, heads on axis 1; CUDA caps both at 65535
 
 
@@ -61,7 +65,7 @@ def _unmasked_end(first_row, q_len, k_len, hi, BLOCK_N: tl.constexpr, IS_CAUSAL:
     are real and visible to every query of the block, so their tiles need no mask. Queries past q_len read
     zeros and are never stored, so they need none either."""
     end = 0
-    if not HAS_KPM and MASK_KIND == 0:
+    if not HAS_KPM and MASK_KIND == MASK_NONE:
         end = k_len // BLOCK_N * BLOCK_N
         if IS_CAUSAL:  # the block's first query sees keys up to first_row + (k_len - q_len)
             end = tl.minimum(end, tl.maximum(first_row + k_len - q_len + 1, 0) // BLOCK_N * BLOCK_N)
@@ -88,17 +92,17 @@ def _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MA
     if HAS_KPM:
         padding = tl.load(KPM + b * s_kpm_b + offs_n, mask=offs_n < k_len, other=1)
         valid = valid & (padding == 0)[None, :]
-    if MASK_KIND != 0:
+    if MASK_KIND != MASK_NONE:
         mask_ptrs = MASK + b * s_mb + h * s_mh + offs_m[:, None] * s_mm + offs_n[None, :] * s_mn
         in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-        if MASK_KIND == 1:
+        if MASK_KIND == MASK_BOOL:
             valid = valid & (tl.load(mask_ptrs, mask=in_range, other=0) != 0)
         else:
             bias = tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32)
             # finfo.min (how Hugging Face masks) would overflow to -inf in base 2 and make the key vanish,
             # unlike in SDPA and the reference; -inf itself stays -inf.
             bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -1e38))
-            s = s + bias * 1.4426950408889634
+            s = s + bias * LOG2E
     return tl.where(valid, s, float("-inf"))
 
 
@@ -158,7 +162,7 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         hi = _key_stop(KEND, b, k_len, HAS_KPM)
         if IS_CAUSAL:  # keys beyond the block's last query (bottom-right) are never seen
             hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
@@ -228,12 +232,12 @@ class Problem:
         self.kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
         self.key_end = None if key_padding_mask is None else key_end(key_padding_mask)
         if attn_mask is None:
-            self.mask, self.mask_kind = None, MASK_NONE
+            self.mask, self.mask_kind = None, MASK_NONE.value
         else:
             is_bool = attn_mask.dtype == torch.bool
             # Convert before expanding: a broadcast mask stays a stride-0 view, never materialized.
             self.mask = (attn_mask.view(torch.uint8) if is_bool else attn_mask).expand(self.B, self.H, self.LQ, self.LK)
-            self.mask_kind = MASK_BOOL if is_bool else MASK_ADD
+            self.mask_kind = (MASK_BOOL if is_bool else MASK_ADD).value
         for name, count in (("sequences", self.B), ("heads", self.H)):
             if count > MAX_GRID_YZ:
                 raise ValueError(f"attention takes at most {MAX_GRID_YZ} {name} per call (a CUDA grid limit), "

@@ -10,7 +10,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from e2evlp.kernels.attention import Problem, _keep, _key_stop, _program_sequence, _scores, _unmasked_end
+from e2evlp.kernels.attention import (
+    LOG2E,
+    MASK_NONE,
+    Problem,
+    _keep,
+    _key_stop,
+    _program_sequence,
+    _scores,
+    _unmasked_end,
+)
 from e2evlp.kernels.attention_configs import TUNING, configs
 
 DELTA_BLOCK_M = 32  # the preprocess reads two [32, D] tiles per program: memory-bound, no tuning needed
@@ -102,7 +111,7 @@ def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KEND, MASK, CU_Q, 
                     other=0.0)
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         lo = 0
         if IS_CAUSAL:  # queries before the first one that sees this block's first key contribute nothing
             lo = tl.maximum(start_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
@@ -113,7 +122,7 @@ def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KEND, MASK, CU_Q, 
         l_base = b * s_lb + h * s_lh + q_start * s_lm
         # Query blocks from mid on see every key of this block (all real): their tiles need no mask.
         mid = hi
-        if not HAS_KPM and MASK_KIND == 0:
+        if not HAS_KPM and MASK_KIND == MASK_NONE:
             if (start_n + 1) * BLOCK_N <= k_len:
                 mid = lo
                 if IS_CAUSAL:  # the first query that sees this block's last key
@@ -180,7 +189,7 @@ def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, KEND, MASK, CU_Q, CU_K,
         lse = tl.load(LSE + l_ptrs, mask=offs_m < q_len, other=float("inf"))
         delta = tl.load(DELTA + l_ptrs, mask=offs_m < q_len, other=0.0)
         dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         hi = _key_stop(KEND, b, k_len, HAS_KPM)
         if IS_CAUSAL:
             hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))

@@ -38,7 +38,9 @@ def assert_close_to_reference(q, k, v, **kwargs):
         return
     same_dtype_math = errors_vs_fp64(_same_dtype_math, q, k, v, grad, **kwargs)
     for mine, math_err in zip(ours, same_dtype_math):
-        assert mine <= 2 * math_err + 1e-3, (ours, same_dtype_math)
+        # +1e-5 as on the GPU: the most ours exceeded 2x math in the interpreter was 6.6e-7 (fp16, Lq = Lk = 1,
+        # 50 grads), where math's dq/dk are exactly 0 and ours are float32 rounding of dP - delta.
+        assert mine <= 2 * math_err + 1e-5, (ours, same_dtype_math)
 
 
 def _same_dtype_math(q, k, v, **kwargs):
