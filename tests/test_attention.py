@@ -1,13 +1,12 @@
 """Fused attention (Triton kernels, in the interpreter on CPU) against the float64 reference, and bad inputs."""
 
-import math
 import os
 
 import pytest
 import torch
 
 from e2evlp import ops, reference
-from e2evlp.reference.attention import allowed_keys
+from tests.attention_helpers import attention_errors, same_dtype_math
 from tests.helpers import DEVICE, needs_triton
 
 pytestmark = needs_triton
@@ -20,13 +19,7 @@ def qkv(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
 
 def errors_vs_fp64(fn, q, k, v, grad, **kwargs):
     """Max abs errors of fn's output and (dq, dk, dv) against the float64 reference."""
-    out = fn(q, k, v, **kwargs)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference.attention(q64, k64, v64, **kwargs)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
-    return [(a.double() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+    return attention_errors(fn, reference.attention, torch.float64, q, k, v, grad, **kwargs)
 
 
 def assert_close_to_reference(q, k, v, **kwargs):
@@ -36,25 +29,11 @@ def assert_close_to_reference(q, k, v, **kwargs):
     if q.dtype == torch.float32:
         assert max(ours) < 2e-5, ours
         return
-    same_dtype_math = errors_vs_fp64(_same_dtype_math, q, k, v, grad, **kwargs)
-    for mine, math_err in zip(ours, same_dtype_math):
+    math_errors = errors_vs_fp64(same_dtype_math, q, k, v, grad, **kwargs)
+    for mine, math_err in zip(ours, math_errors):
         # +1e-5 as on the GPU: the most ours exceeded 2x math in the interpreter was 6.6e-7 (fp16, Lq = Lk = 1,
         # 50 grads), where math's dq/dk are exactly 0 and ours are float32 rounding of dP - delta.
-        assert mine <= 2 * math_err + 1e-5, (ours, same_dtype_math)
-
-
-def _same_dtype_math(q, k, v, **kwargs):
-    """Attention computed entirely in q's dtype (what PyTorch's math path does)."""
-    B, H, Lq, D = q.shape
-    allowed, additive = allowed_keys(B, H, Lq, k.shape[2], device=q.device, **{
-        key: kwargs[key] for key in ("key_padding_mask", "attn_mask", "causal") if key in kwargs})
-    scores = (q @ k.transpose(-1, -2)) * (kwargs.get("scale") or 1 / math.sqrt(D))
-    if additive is not None:
-        scores = scores + additive.to(q.dtype)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    empty = torch.isneginf(scores).all(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(empty, 0), -1).masked_fill(empty, 0)
-    return probs @ v
+        assert mine <= 2 * math_err + 1e-5, (ours, math_errors)
 
 
 @pytest.mark.parametrize("Lq, Lk", [(1, 1), (5, 5), (17, 17), (97, 33), (5, 17)])

@@ -4,19 +4,14 @@ import pytest
 import torch
 
 from e2evlp import ops
-from tests.test_attention import _same_dtype_math
+from tests.attention_helpers import attention_errors, same_dtype_math
 
 pytestmark = pytest.mark.cuda
 
 
 def errors(fn, q, k, v, grad, **kwargs):
     """Max abs errors of fn's output and gradients against float32 math on the same inputs."""
-    out = fn(q, k, v, **kwargs)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = _same_dtype_math(q32, k32, v32, **kwargs)
-    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), grad.float())
-    return [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+    return attention_errors(fn, same_dtype_math, torch.float32, q, k, v, grad, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -32,7 +27,7 @@ def test_flash_attention_rule(dtype, padded, Lq, Lk, D, causal):
     grad = torch.randn(2, 4, Lq, D, device="cuda", dtype=dtype, generator=g)
     kwargs = dict(causal=causal, key_padding_mask=kpm if padded else None)
     ours = errors(ops.attention, q, k, v, grad, **kwargs)
-    pytorch = errors(_same_dtype_math, q, k, v, grad, **kwargs)
+    pytorch = errors(same_dtype_math, q, k, v, grad, **kwargs)
     for mine, theirs in zip(ours, pytorch):
         assert mine <= 2 * theirs + 1e-5, (ours, pytorch)
 
