@@ -8,7 +8,9 @@ from torch import nn
 
 from e2evlp import ops
 from e2evlp.nn.attention import merge_heads, split_heads
-from e2evlp.ops.attention_cpu import attention_probs
+from e2evlp.ops.attention import ATTENTION_DTYPES, MAX_HEAD_DIM
+from e2evlp.ops.attention_cpu import attention_probs, sdpa_attention
+from e2evlp.ops.dispatch import attention_backend
 
 
 def _restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
@@ -32,6 +34,12 @@ def _attention_with_weights(q, k, v, *, key_padding_mask, attn_mask, causal, dro
     probs = attention_probs(q, k, key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal)
     probs = F.dropout(probs, dropout_p) if dropout_p > 0 else probs
     return torch.matmul(probs, v.to(probs.dtype)).to(q.dtype), probs.to(q.dtype)
+
+
+def _fused_runs(q: torch.Tensor) -> bool:
+    """Whether ops.attention takes q [B, H, L, D] where it is: its Triton kernels run float16, bfloat16 and float32
+    at head dims up to 256; torch's module also runs float64 (on CUDA too) and any head dim."""
+    return attention_backend(q.device) != "triton" or (q.dtype in ATTENTION_DTYPES and q.shape[-1] <= MAX_HEAD_DIM)
 
 
 def _check_ranks(query, key, value) -> bool:
@@ -68,6 +76,10 @@ class MultiheadAttention(nn.Module):
       (so the module returns ``out_proj.bias`` there) and zero weights, where torch can return NaN.
     * ``is_causal=True`` applies the causal mask itself; ``attn_mask`` is optional with it (torch requires
       one and treats the flag as a hint). When both are given, both apply.
+
+    The fused kernels take float16, bfloat16 and float32 at head dims up to 256; other inputs (float64, larger
+    head dims) run PyTorch SDPA. In torch's encoder layers in eval without grad, torch's inference fast path
+    runs its own kernel on this module's weights (see ``merge_masks``).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
@@ -198,12 +210,29 @@ class MultiheadAttention(nn.Module):
         plain path when the weights are asked for."""
         q, k, v = (split_heads(x, self.num_heads) for x in (q, k, v))  # [B, H, L, D]
         dropout_p = self.dropout if self.training else 0.0
-        if not need_weights:
+        if not need_weights and _fused_runs(q):
             return ops.attention(q, k, v, key_padding_mask=padding, attn_mask=mask, causal=causal,
                                  dropout_p=dropout_p), None
+        if not need_weights:  # a dtype or head dim the kernels do not take: PyTorch SDPA, as torch's module runs
+            return sdpa_attention(q, k, v, padding, mask, causal, self.head_dim**-0.5, dropout_p), None
         out, weights = _attention_with_weights(q, k, v, key_padding_mask=padding, attn_mask=mask, causal=causal,
                                                dropout_p=dropout_p)
         return out, (weights.mean(1) if average_attn_weights else weights)
+
+    def merge_masks(self, attn_mask, key_padding_mask, query) -> tuple[torch.Tensor | None, int | None]:
+        """torch's masks merged as torch's own module merges them, for torch's inference fast path: in eval
+        without grad, nn.TransformerEncoderLayer and nn.TransformerEncoder call this and then run torch's native
+        kernel on this module's weights, so their outputs there are torch's.
+
+        Returns (None, None) without masks; (key_padding_mask [B, L], 1); or (attn_mask [L, L] or [B*H, L, L],
+        with key_padding_mask if given, as [B, H, L, L], 2). The sum of two bool masks is their logical or."""
+        if attn_mask is None:
+            return (None, None) if key_padding_mask is None else (key_padding_mask, 1)
+        B, L = query.shape[0], query.shape[1]  # [B, L, E]: torch passes no nested query with an attn_mask
+        merged = attn_mask.view(B, -1, L, L) if attn_mask.dim() == 3 else attn_mask.expand(B, self.num_heads, L, L)
+        if key_padding_mask is not None:
+            merged = merged + key_padding_mask.view(B, 1, 1, L).expand(B, self.num_heads, 1, L)
+        return merged, 2
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
