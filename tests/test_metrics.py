@@ -281,3 +281,12 @@ def test_detection_errors():
         detection_ap([], TARGETS)
     with pytest.raises(ValueError, match="labels"):
         detection_ap([_pred([], [], []), _pred([], [], [])], TARGETS, num_classes=1)
+
+
+def test_recalls_and_accuracy_are_exact_decimal_fractions():
+    # Only text 0 and image 0 find each other first: 1 hit in 25, 4 % exactly (a float32 mean gives 3.9999999106).
+    scores = -torch.eye(25)
+    scores[0, 0] = 1.0
+    result = recall_at_k(scores, list(range(25)), ks=(1,))
+    assert result["tr_r1"] == result["ir_r1"] == 4.0
+    assert classification_accuracy([1] + [0] * 24, [1] * 25) == 0.04

@@ -42,6 +42,11 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], annotations: Mapping[Hasha
     return total / len(annotations)
 
 
+def _fraction(hits: torch.Tensor) -> float:
+    """The share of True in `hits`, divided in Python's float64: a float32 mean would print 1/25 as 0.03999999910."""
+    return int(hits.sum()) / hits.numel()
+
+
 def classification_accuracy(pred: torch.Tensor | Sequence, labels: torch.Tensor | Sequence) -> float:
     """Fraction of correct predictions; `pred` holds class ids [N] or scores [N, C] (argmax taken)."""
     pred, labels = torch.as_tensor(pred), torch.as_tensor(labels)
@@ -51,11 +56,11 @@ def classification_accuracy(pred: torch.Tensor | Sequence, labels: torch.Tensor 
         pred = pred.argmax(dim=-1)
     if pred.shape != labels.shape:
         raise ValueError(f"pred has shape {tuple(pred.shape)} but labels has {tuple(labels.shape)}")
-    return (pred == labels).float().mean().item()
+    return _fraction(pred == labels)
 
 
 def _recalls(ranks: torch.Tensor, ks: Sequence[int]) -> list[float]:
-    return [100.0 * (ranks < k).float().mean().item() for k in ks]
+    return [100.0 * _fraction(ranks < k) for k in ks]
 
 
 def recall_at_k(scores: torch.Tensor, text_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
