@@ -41,14 +41,33 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def _timed(record: dict | None) -> str:
+    """median ms and, where recorded, the fastest and slowest sample: "0.210 (0.205–0.230)"."""
+    if record is None:
+        return "—"
+    if record.get("ms_min") is None or record.get("ms_max") is None:
+        return f"{record['ms']:.3f}"
+    return f"{record['ms']:.3f} ({record['ms_min']:.3f}–{record['ms_max']:.3f})"
+
+
+def within_noise(ours: dict, peer: dict) -> bool:
+    """Whether the two medians differ by less than the wider of the two samples' spreads (max - min): then the
+    ratio says more about a noisy machine than about either implementation."""
+    spreads = [r["ms_max"] - r["ms_min"] for r in (ours, peer) if r.get("ms_min") is not None
+               and r.get("ms_max") is not None]
+    return bool(spreads) and abs(ours["ms"] - peer["ms"]) < max(spreads)
+
+
 def versus_best_peer(records: list[dict]) -> str:
-    """Per device, one row per case and pass: the fastest e2evlp implementation against the fastest other one."""
+    """Per device, one row per case and pass: the fastest e2evlp implementation against the fastest other one,
+    each as median (min–max) ms; a speed-up within the samples' spread is marked "(noise)"."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["device"], r["bench"], r["case"], r["pass"]), []).append(r)
     sections = []
     for device in dict.fromkeys(key[0] for key in groups):
-        lines = [f"### {device}", "", "| bench | case | pass | e2evlp ms | best peer | peer ms | e2evlp speed-up |",
+        lines = [f"### {device}", "",
+                 "| bench | case | pass | e2evlp ms (min–max) | best peer | peer ms (min–max) | e2evlp speed-up |",
                  "|---|---|---|---|---|---|---|"]
         for (dev, bench, case, pass_), group in groups.items():
             if dev != device:
@@ -56,10 +75,11 @@ def versus_best_peer(records: list[dict]) -> str:
             ours = min((r for r in group if r["impl"].startswith("e2evlp")), key=lambda r: r["ms"], default=None)
             peer = min((r for r in group if not r["impl"].startswith("e2evlp")), key=lambda r: r["ms"], default=None)
             which = "" if ours is None or ours["impl"] == "e2evlp" else f" ({ours['impl']})"
-            mine = "—" if ours is None else f"{ours['ms']:.3f}{which}"
-            theirs = ("—", "—") if peer is None else (peer["impl"], f"{peer['ms']:.3f}")
-            ratio = "—" if ours is None or peer is None else f"{peer['ms'] / ours['ms']:.2f}x"
-            lines.append(f"| {bench} | {case} | {pass_ or ''} | {mine} | {theirs[0]} | {theirs[1]} | {ratio} |")
+            ratio = "—"
+            if ours is not None and peer is not None:
+                ratio = f"{peer['ms'] / ours['ms']:.2f}x" + (" (noise)" if within_noise(ours, peer) else "")
+            lines.append(f"| {bench} | {case} | {pass_ or ''} | {_timed(ours)}{which} | "
+                         f"{'—' if peer is None else peer['impl']} | {_timed(peer)} | {ratio} |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
