@@ -79,8 +79,10 @@ def test_invalid_boxes_raise_naming_the_argument(bad, match):
     with pytest.raises(ValueError, match=match):
         ops.generalized_box_iou(bad, random_xyxy(2, gen()).float())
     ops.generalized_box_iou(bad, random_xyxy(2, gen()).float(), validate=False)  # validation off: no raise
-    with pytest.raises(ValueError, match=match.replace("boxes1", "pred")):
+    with pytest.raises(ValueError, match=match):  # torchvision's argument names: boxes1, boxes2
         ops.giou_loss(bad, bad)
+    with pytest.raises(ValueError, match=match.replace("boxes1", "boxes2")):
+        ops.giou_loss(random_xyxy(1, gen()).float(), bad)
 
 
 def test_box_losses_validation():

@@ -170,6 +170,21 @@ def test_criterion_errors():
         criterion(outputs, targets)
 
 
+@pytest.mark.parametrize("coordinate, value, match", [
+    (2, -0.1, r"targets\[1\]\['boxes'\] has invalid cxcywh boxes \(a negative width or height\)"),
+    (3, -1e-3, r"targets\[1\]\['boxes'\] has invalid cxcywh boxes \(a negative width or height\)"),
+    (0, float("nan"), r"targets\[1\]\['boxes'\] contains NaN"),
+])
+def test_criterion_rejects_invalid_target_boxes_on_cpu(coordinate, value, match):
+    outputs, targets = detr_batch([2, 3], queries=5, classes=3, generator=gen(10), attributes=2)
+    criterion, _ = make_criteria(3, 2)
+    targets[1]["boxes"][1, 2:] = 0.0  # zero width and height are valid
+    assert all(torch.isfinite(v).all() for v in criterion(outputs, targets).values())
+    targets[1]["boxes"][2, coordinate] = value
+    with pytest.raises(ValueError, match=match):
+        criterion(outputs, targets)
+
+
 def test_drop_in_training_loop_gives_detr_losses():
     """Three SGD steps of a small DETR-style head with each criterion: the losses stay equal."""
     torch.manual_seed(0)

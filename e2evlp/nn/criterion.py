@@ -9,7 +9,7 @@ from torch import nn
 
 from e2evlp.nn.matcher import Matching
 from e2evlp.nn.targets import PaddedTargets, pad_targets
-from e2evlp.ops.boxes import box_losses
+from e2evlp.ops.boxes import box_losses, validate_boxes
 
 LOSSES = ("labels", "cardinality", "boxes", "attributes")
 
@@ -17,6 +17,12 @@ LOSSES = ("labels", "cardinality", "boxes", "attributes")
 def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """Sum of losses[k] * weights[k] over the keys of `weights` that `losses` has (DETR's weight_dict sum)."""
     return sum(losses[k] * w for k, w in weights.items() if k in losses)
+
+
+def _validate_targets(targets: list[dict]) -> None:
+    """Raises ValueError naming ``targets[i]['boxes']`` for NaN boxes or a negative width or height (cxcywh)."""
+    for i, t in enumerate(targets):
+        validate_boxes(t["boxes"], f"targets[{i}]['boxes']", "cxcywh")
 
 
 class SetCriterion(nn.Module):
@@ -29,8 +35,10 @@ class SetCriterion(nn.Module):
     the boxes that have one). Auxiliary decoder layers (``outputs["aux_outputs"]``) add the same losses
     with suffixes ``_0``, ``_1``, ... (``loss_attr_i`` where that layer predicts attributes).
     ``num_boxes`` is all-reduced under torch.distributed and clamped to ≥ 1. Every value stays a tensor:
-    nothing here syncs with the host. With e2evlp's HungarianMatcher all layers are matched in one go;
-    any DETR-style matcher (a callable returning per-image index pairs) works too.
+    nothing here syncs with the host. On the CPU the target boxes are validated first (ValueError naming
+    ``targets[i]['boxes']`` for NaN or a negative width or height); on a GPU that would cost host syncs.
+    With e2evlp's HungarianMatcher all layers are matched in one go; any DETR-style matcher (a callable
+    returning per-image index pairs) works too.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict[str, float], eos_coef: float,
@@ -98,6 +106,8 @@ class SetCriterion(nn.Module):
         layers = [main] + list(outputs.get("aux_outputs", []))
         device = main["pred_logits"].device
         padded = pad_targets(targets, device)
+        if device.type == "cpu":  # on a GPU the checks would cost host syncs: CPU only, like the ops' validate
+            _validate_targets(targets)
         matchings = self.match(layers, targets, padded)
         num_boxes = torch.full((), float(padded.total), device=device)
         world = 1

@@ -10,33 +10,67 @@ CLASS_COSTS = ("softmax", "focal")
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """cxcywh → xyxy, as torchvision.ops.box_convert(boxes, "cxcywh", "xyxy"): integer boxes give float32."""
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
 
 
 def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """xyxy → cxcywh, as torchvision.ops.box_convert(boxes, "xyxy", "cxcywh"): integer boxes give float32."""
     x1, y1, x2, y2 = boxes.unbind(-1)
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
 
 
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+def box_area(boxes: torch.Tensor, fmt: str = "xyxy") -> torch.Tensor:
+    """Areas [...] of boxes [..., 4], as torchvision.ops.box_area: computed in float32/float64 for floating
+    boxes (float16/bfloat16 give float32) and in int32/int64 for integer ones (int8/int16/uint8 give int32)."""
+    if fmt not in ("xyxy", "xywh", "cxcywh"):
+        raise ValueError(f"Unsupported Bounding Box area for given format {fmt}")
+    boxes = _upcast(boxes)
+    if fmt == "xyxy":
+        return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    return boxes[..., 2] * boxes[..., 3]
 
 
 def _validation_on(validate: bool | None, tensor: torch.Tensor) -> bool:
     """Validation costs a host sync on a GPU: on by default on the CPU only."""
-    return tensor.device.type == "cpu" if validate is None else validate
+    if validate is None:
+        return tensor.device.type == "cpu"
+    return validate
 
 
-def validate_boxes(boxes: torch.Tensor, name: str, fmt: str = "xyxy") -> None:
-    """Raises ValueError naming `name` for NaN or inverted boxes (x2 < x1, or w < 0 in cxcywh)."""
-    if not isinstance(boxes, torch.Tensor) or not boxes.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor of boxes, got {getattr(boxes, 'dtype', type(boxes))}")
-    if boxes.shape[-1:] != (4,):
-        raise ValueError(f"{name} must have 4 coordinates in its last dimension, got shape {tuple(boxes.shape)}")
+def _shape_text(t: torch.Tensor) -> str:
+    if torch.jit.is_scripting():
+        return str(t.shape)
+    else:
+        return str(tuple(t.shape))
+
+
+def _dtype_text(t: torch.Tensor) -> str:
+    if torch.jit.is_scripting():
+        return f"dtype code {t.dtype}"  # TorchScript has no dtype names
+    else:
+        return str(t.dtype)
+
+
+def validate_boxes(boxes: torch.Tensor, name: str, fmt: str = "xyxy", integer: bool = False) -> None:
+    """Raises ValueError naming `name` for NaN or inverted boxes (x2 < x1, or w < 0 in cxcywh).
+
+    Boxes must be floating-point (TypeError otherwise), or integer too with ``integer=True``. TorchScript
+    compiles it, so scripted callers validate as eager ones do.
+    """
+    if not isinstance(boxes, torch.Tensor):
+        raise TypeError(f"{name} must be a floating-point tensor of boxes, got {type(boxes)}")
+    if integer:
+        if boxes.dtype == torch.bool or boxes.is_complex():
+            raise TypeError(f"{name} must be a floating-point or integer tensor of boxes, got {_dtype_text(boxes)}")
+    elif not boxes.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of boxes, got {_dtype_text(boxes)}")
+    if boxes.dim() == 0 or boxes.shape[-1] != 4:
+        raise ValueError(f"{name} must have 4 coordinates in its last dimension, got shape {_shape_text(boxes)}")
     if boxes.numel() == 0:
         return
-    if bool(torch.isnan(boxes).any()):
+    if boxes.is_floating_point() and bool(torch.isnan(boxes).any()):
         raise ValueError(f"{name} contains NaN")
     if fmt == "xyxy":
         inverted = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
@@ -49,6 +83,14 @@ def validate_boxes(boxes: torch.Tensor, name: str, fmt: str = "xyxy") -> None:
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """torchvision's upcast against overflow: float16/bfloat16 → float32, int8/int16/uint8 → int32."""
+    if t.is_floating_point():
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return t if t.dtype in (torch.int32, torch.int64) else t.int()
+
+
+def _upcast_to_float(t: torch.Tensor) -> torch.Tensor:
+    """float32/float64 as they are, anything else (half, integer) → float32, as torchvision's losses do."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
@@ -58,39 +100,51 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, *, validate: bool | None = None) -> torch.Tensor:
-    """Pairwise GIoU [N, M] of xyxy boxes; torchvision's values and gradients, but finite on zero-area boxes."""
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, validate: bool | None = None) -> torch.Tensor:
+    """Pairwise GIoU [..., N, M] of xyxy boxes [..., N, 4] and [..., M, 4]: torchvision's values, dtypes
+    (float32 for half and integer boxes) and gradients, but finite on zero-area boxes.
+
+    ``validate`` (default: on for CPU tensors, off on CUDA where it costs a sync) raises ValueError on NaN
+    or inverted boxes. Integer boxes are upcast (int8/int16/uint8 to int32) before any arithmetic.
+    """
     if _validation_on(validate, boxes1):
-        validate_boxes(boxes1, "boxes1")
-        validate_boxes(boxes2, "boxes2")
+        validate_boxes(boxes1, "boxes1", "xyxy", True)
+        validate_boxes(boxes2, "boxes2", "xyxy", True)
     boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
     area1, area2 = box_area(boxes1), box_area(boxes2)
-    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])  # [N, M, 2]
-    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    lt = torch.max(boxes1[..., None, :2], boxes2[..., None, :, :2])  # [..., N, M, 2]
+    rb = torch.min(boxes1[..., None, 2:], boxes2[..., None, :, 2:])
     wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]  # [N, M]
-    union = area1[:, None] + area2 - inter
+    inter = wh[..., 0] * wh[..., 1]  # [..., N, M]
+    union = area1[..., None] + area2[..., None, :] - inter
     iou = _safe_div(inter, union)
-    lti = torch.min(boxes1[:, None, :2], boxes2[:, :2])
-    rbi = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
+    lti = torch.min(boxes1[..., None, :2], boxes2[..., None, :, :2])
+    rbi = torch.max(boxes1[..., None, 2:], boxes2[..., None, :, 2:])
     whi = (rbi - lti).clamp(min=0)
     enclose = whi[..., 0] * whi[..., 1]
     return iou - _safe_div(enclose - union, enclose)
 
 
-def giou_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "none", eps: float = 1e-7, *,
+def giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, reduction: str = "none", eps: float = 1e-7,
               validate: bool | None = None) -> torch.Tensor:
-    """1 - GIoU of aligned xyxy box pairs: torchvision.ops.generalized_box_iou_loss's values and gradients."""
+    """1 - GIoU of aligned xyxy box pairs: torchvision.ops.generalized_box_iou_loss's signature, values,
+    dtypes (float32 for half and integer boxes) and gradients.
+
+    ``validate`` (default: on for CPU tensors, off on CUDA where it costs a sync) raises ValueError on NaN
+    or inverted boxes.
+    """
     if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if _validation_on(validate, pred):
-        validate_boxes(pred, "pred")
-        validate_boxes(target, "target")
-    pred, target = _upcast(pred), _upcast(target)
-    x1, y1, x2, y2 = pred.unbind(-1)
-    x1g, y1g, x2g, y2g = target.unbind(-1)
+        raise ValueError(f"Invalid value for argument 'reduction': '{reduction}'; "
+                         "supported reduction modes: 'none', 'mean', 'sum'")
+    if boxes1.shape != boxes2.shape:
+        raise ValueError(f"boxes1 and boxes2 must have the same shape, got {_shape_text(boxes1)} and "
+                         f"{_shape_text(boxes2)}")
+    if _validation_on(validate, boxes1):
+        validate_boxes(boxes1, "boxes1", "xyxy", True)
+        validate_boxes(boxes2, "boxes2", "xyxy", True)
+    boxes1, boxes2 = _upcast_to_float(boxes1), _upcast_to_float(boxes2)
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
     ix1, iy1 = torch.max(x1, x1g), torch.max(y1, y1g)
     ix2, iy2 = torch.min(x2, x2g), torch.min(y2, y2g)
     overlaps = (iy2 > iy1) & (ix2 > ix1)
