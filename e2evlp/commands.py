@@ -35,7 +35,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _load_config(args: argparse.Namespace) -> dict:
     from e2evlp.train.run_config import load_run_config
 
-    return load_run_config(args.config, args.overrides)
+    path = args.config
+    if path is None and getattr(args, "checkpoint", None) is not None:  # evaluate: the run config saved with it
+        from e2evlp.train.launch import saved_run_config
+
+        path = saved_run_config(args.checkpoint)
+    return load_run_config(path, args.overrides)
 
 
 def _train(task: str, args: argparse.Namespace) -> int:
@@ -67,15 +72,15 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from e2evlp.train.launch import caption_images
 
     captions = caption_images(args.images, args.checkpoint, tokenizer_dir=args.tokenizer, num_beams=args.num_beams,
-                              image_size=args.image_size)
+                              image_size=args.image_size, max_length=args.max_length, device=args.device)
     for path, caption in zip(args.images, captions):
         print(f"{path}\t{caption}")
     return 0
 
 
-def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", required=required, default=None, metavar="FILE",
-                        help="run config (YAML; see configs/)")
+def _config_arguments(parser: argparse.ArgumentParser, required: bool = True,
+                      help: str = "run config (YAML; see configs/)") -> None:
+    parser.add_argument("--config", required=required, default=None, metavar="FILE", help=help)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config values, e.g. train.lr=3e-4 data.batch_size=16")
 
@@ -102,16 +107,31 @@ def add_commands(commands) -> None:
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on a task's val or test split")
     evaluate.add_argument("task", choices=EVALUATE_TASKS)
-    evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="a model folder or a run folder")
-    evaluate.add_argument("--split", default="val", choices=["val", "test"])
-    _config_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
+                          help="a model folder or a run folder (its final/, else its latest step-*)")
+    evaluate.add_argument("--split", default="val", choices=["val", "test"],
+                          help="the split to score: data.val or data.test (captioning, retrieval: the Karpathy "
+                               "data.val_split / data.test_split) (default %(default)s)")
+    _config_arguments(evaluate, required=False,
+                      help="run config (YAML; see configs/); default: the run_config.yaml exported with the "
+                           "checkpoint (<run>/final/)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     caption = commands.add_parser("caption", help="caption image files with a trained model")
     caption.add_argument("images", nargs="+", metavar="IMAGE")
-    caption.add_argument("--checkpoint", required=True, metavar="DIR")
+    caption.add_argument("--checkpoint", required=True, metavar="DIR",
+                         help="a pre-training or captioning model folder, or a run folder (its final/, else its "
+                              "latest step-*)")
     caption.add_argument("--tokenizer", default=None, metavar="DIR",
                          help="tokenizer folder (default: the one saved with the checkpoint)")
-    caption.add_argument("--num-beams", type=int, default=3)
-    caption.add_argument("--image-size", type=int, default=None, help="shorter side for the model's input")
+    caption.add_argument("--num-beams", type=int, default=3, metavar="N",
+                         help="beam width; 1 is greedy decoding (default %(default)s)")
+    caption.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                         help="longest caption in tokens, [SEP] included (default: the model's "
+                              "max_caption_length - 1)")
+    caption.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
+                         help="shorter side of the model's input (default: the run's data.image.eval, else the "
+                              "preset's: 80 tiny, 800 otherwise)")
+    caption.add_argument("--device", default=None, metavar="DEVICE",
+                         help="where the model runs: cpu, cuda, cuda:1, ... (default: cuda when visible, else cpu)")
     caption.set_defaults(func=cmd_caption)

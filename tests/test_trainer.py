@@ -142,6 +142,31 @@ def test_sigterm_saves_and_resumes_to_the_same_result(tmp_path):
     assert logged_losses(tmp_path / "run") == logged_losses(tmp_path / "reference")
 
 
+def test_a_resumed_run_says_from_which_checkpoint_and_step(tmp_path, capsys):
+    assert make_trainer(tmp_path, max_steps=2).train()["resumed_from"] is None
+    assert "resumed" not in capsys.readouterr().out
+    summary = make_trainer(tmp_path, max_steps=4).train()
+    resumed_from = {"checkpoint": str(step_dir(tmp_path, 2)), "step": 2}
+    assert summary["resumed_from"] == resumed_from and summary["steps"] == 4
+    assert f"resumed from {step_dir(tmp_path, 2)} at step 2" in capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    events = [r for r in records if "event" in r]
+    assert events == [{"event": "resumed", "step": 2, "epoch": 0, "resumed_from": resumed_from}]
+    assert records.index(events[0]) == 2  # after the first run's two steps, before the resumed run's
+
+
+def test_a_sigterm_stop_ends_the_log_with_its_marker_and_a_finished_run_does_not(tmp_path, capsys):
+    torch.manual_seed(0)
+    summary = make_trainer(tmp_path, max_steps=8, model=ToyModel(sigterm_call=3)).train()
+    assert summary["stopped"] == "sigterm" and summary["steps"] == 3
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert last == {"event": "stopped_by_sigterm", "step": 3, "epoch": 0, "checkpoint": str(step_dir(tmp_path, 3))}
+    assert f"stopped by SIGTERM at step 3: checkpoint {step_dir(tmp_path, 3)}" in capsys.readouterr().out
+    make_trainer(tmp_path, max_steps=4).train()
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert "event" not in last and last["step"] == 4
+
+
 def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     runs = {}
     for accum, batch_size in [(2, 4), (1, 8)]:
@@ -189,7 +214,7 @@ def test_log_records_have_the_documented_keys(tmp_path):
         assert set(record["lr"]) == {"main", "main_no_decay"}
         assert record["tokens_per_s"] > 0 and record["samples_per_s"] > 0 and record["grad_norm"] > 0
     assert set(summary) == {"steps", "epochs", "skipped_nonfinite", "stopped", "samples_per_s", "tokens_per_s",
-                            "loss", "losses", "seconds", "checkpoint"}
+                            "loss", "losses", "seconds", "checkpoint", "resumed_from"}
     assert summary["loss"] == records[-1]["loss"]
 
 

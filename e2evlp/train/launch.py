@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ def train(task: str, config: dict) -> dict:
     if not config["train"].get("output_dir") or not config["train"].get("max_steps"):
         raise ValueError("train.output_dir and train.max_steps must be set (in the YAML file or as key=value)")
     device = distributed.init_distributed()
+    config = {**config, "train": _warmup_within_run(dict(config["train"]))}
     seed = int(config["train"].get("seed", 0))
     init = config["model"].get("init")
     tokenizer = tokenizer_for(config, resolve_checkpoint(init) if init else None)
@@ -73,10 +76,40 @@ def train(task: str, config: dict) -> dict:
                 summary["eval"] = evaluate_task(task, model, config, "val", tokenizer, answers=answers)
                 _append_log(Path(config["train"]["output_dir"]), {"eval": summary["eval"]})
             else:
-                summary["eval"] = f"skipped under torchrun: run `e2evlp evaluate {task} --checkpoint {final}`"
+                summary["eval"] = f"skipped under torchrun: run `{evaluate_command(task, final)}`"
     distributed.barrier()
     distributed.shutdown()
     return summary
+
+
+def _warmup_within_run(train: dict) -> dict:
+    """A trial run shorter than the config's warmup (``train.max_steps=60`` with ``warmup_steps: 100``) warms up
+    over all its steps instead of failing; the warning names both values. Returns `train`, changed in place."""
+    max_steps, warmup = train.get("max_steps"), train.get("warmup_steps", 0)
+    numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (max_steps, warmup))
+    if numbers and max_steps >= 1 and warmup > max_steps:
+        if distributed.is_main_process():
+            warnings.warn(f"train.warmup_steps={warmup} is more than train.max_steps={max_steps}: warming up over "
+                          f"all {max_steps} steps (warmup_steps={max_steps}); set train.warmup_steps to choose",
+                          stacklevel=3)
+        train["warmup_steps"] = max_steps
+    return train
+
+
+def evaluate_command(task: str, final: str | Path) -> str:
+    """The command that scores an exported model: its saved run config (``run_config.yaml``) is the default
+    ``--config``, so the checkpoint is enough."""
+    return f"e2evlp evaluate {task} --checkpoint {shlex.quote(str(final))}"
+
+
+def saved_run_config(checkpoint: str | Path) -> Path:
+    """The run config exported beside a model (``<run>/final/run_config.yaml``): `evaluate`'s default --config."""
+    directory = resolve_checkpoint(checkpoint)
+    path = directory / "run_config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no run_config.yaml (only a run's final/ export does): pass "
+                                f"--config with the run config to evaluate it with")
+    return path
 
 
 def _answers_for(config: dict) -> list[str]:
@@ -133,14 +166,35 @@ def _check_complete(model, directory: Path, task: str) -> None:
                          f"checkpoint of a {task} run")
 
 
+def _device(name: str | torch.device | None) -> torch.device:
+    """`name` as a torch.device (None: the default one); a bad or missing device is a ValueError."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...): {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here (use --device cpu)")
+    return device
+
+
 def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenizer_dir: str | Path | None = None,
-                   num_beams: int = 3, image_size: int | None = None, batch_size: int = 16) -> list[str]:
-    """Captions for image files, from a pre-training or captioning checkpoint."""
+                   num_beams: int = 3, image_size: int | None = None, batch_size: int = 16,
+                   max_length: int | None = None, device: str | torch.device | None = None) -> list[str]:
+    """Captions for image files, from a pre-training or captioning checkpoint, on `device` (default: the GPU
+    when one is visible); `max_length` caps the generated tokens ([SEP] included; default: the model's
+    max_caption_length - 1)."""
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"--max-length must be >= 1, got {max_length}")
+    if num_beams < 1:
+        raise ValueError(f"--num-beams must be >= 1, got {num_beams}")
+    device = _device(device)
     directory = resolve_checkpoint(checkpoint)
     tokenizer = tokenizer_for({"tokenizer": tokenizer_dir}, directory)
     config = json.loads((directory / "config.json").read_text())
     task = "pretrain" if any(name.startswith("mlm_head.") for name in _weight_names(directory)) else "caption"
-    model = TASK_MODELS[task].from_pretrained(directory).to(default_device()).eval()
+    model = TASK_MODELS[task].from_pretrained(directory).to(device).eval()
     _check_complete(model, directory, task)
     # The evaluation size of the run that made the checkpoint, else the preset's (DETR's 800 / 1333).
     saved_run = directory / "run_config.yaml"
@@ -156,9 +210,9 @@ def caption_images(images: list[str | Path], checkpoint: str | Path, *, tokenize
         pixels = [transforms({"image": load_image(path), "boxes": torch.zeros(0, 4)})["image"]
                   for path in images[start:start + batch_size]]
         padded = pad_images(pixels, size_divisibility=model.config.backbone_stride)
-        pixel_values, pixel_mask = (t.to(default_device()) for t in padded)
+        pixel_values, pixel_mask = (t.to(device) for t in padded)
         with torch.no_grad():
-            ids = captioner_of(model).generate(pixel_values, pixel_mask, num_beams=num_beams)
+            ids = captioner_of(model).generate(pixel_values, pixel_mask, num_beams=num_beams, max_length=max_length)
         captions += [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
     return captions
 

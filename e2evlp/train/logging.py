@@ -40,6 +40,17 @@ def _json_number(value: float | None) -> float | str | None:
     return value if value is None or math.isfinite(value) else str(value)
 
 
+def _event_message(record: dict) -> str:
+    """The console line of an event record."""
+    if record["event"] == "resumed":
+        resumed = record["resumed_from"]
+        return f"resumed from {resumed['checkpoint']} at step {resumed['step']}"
+    if record["event"] == "stopped_by_sigterm":
+        return (f"stopped by SIGTERM at step {record['step']}: checkpoint {record['checkpoint']} "
+                f"(rerun the same command to resume)")
+    return f"step {record['step']}: {record['event']} (loss {record['loss']})"
+
+
 @dataclass
 class Window:
     """Sums over the steps since the last record; samples and tokens are this rank's, the loss is all ranks'."""
@@ -78,7 +89,9 @@ class RunLogger:
     Each record is one line of `output_dir/log.jsonl`: step, epoch, lr (per parameter-group name), loss and
     losses (per task, averaged over the window), grad_norm (the last step's), samples_per_s and tokens_per_s
     (all ranks), skipped_nonfinite (so far), elapsed (seconds of training, summed over resumes). A skipped step
-    adds a line with "event": "skipped_nonfinite" and its step, epoch and loss."""
+    adds a line with "event": "skipped_nonfinite" and its step, epoch and loss; a resumed run starts with a line
+    "event": "resumed", its step and epoch, and "resumed_from": {"checkpoint", "step"}; a run stopped by SIGTERM
+    ends with "event": "stopped_by_sigterm", its step, epoch and checkpoint."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, total_steps: int, initial_step: int,
                  progress: bool, tensorboard: bool):
@@ -106,12 +119,13 @@ class RunLogger:
     def record(self, record: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: ({n: _json_number(v) for n, v in value.items()} if isinstance(value, dict) else
-                     _json_number(value) if isinstance(value, float) else value) for k, value in record.items()}
+        clean = {k: ({n: _json_number(v) if isinstance(v, float) else v for n, v in value.items()}
+                     if isinstance(value, dict) else _json_number(value) if isinstance(value, float) else value)
+                 for k, value in record.items()}
         self.jsonl.write(json.dumps(clean) + "\n")
         self.jsonl.flush()
         if "event" in record:
-            message = f"step {record['step']}: {record['event']} (loss {record['loss']})"
+            message = _event_message(record)
             if self.bar is not None:
                 self.bar.write(message)
             else:

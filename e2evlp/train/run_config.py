@@ -13,9 +13,9 @@ SECTIONS = ("model", "tokenizer", "data", "train", "eval")
 MODEL_KEYS = ("preset", "init", "bert", "config")
 PRESETS = ("tiny", "small", "base")
 IMAGE_KEYS = ("train_min", "train_max", "train_step", "max_longer", "eval")
-DATA_KEYS = ("train", "val", "test", "karpathy", "images", "train_split", "val_split", "merge_restval", "answers",
-             "image", "batch_size", "eval_batch_size", "num_workers", "skip_bad",
-             "cache_images")
+DATA_KEYS = ("train", "val", "test", "karpathy", "images", "train_split", "val_split", "test_split", "merge_restval",
+             "answers", "image", "batch_size", "eval_batch_size", "num_workers", "skip_bad", "cache_images")
+EVAL_KEYS = ("num_beams",)
 TINY_IMAGES = {"train_min": 64, "train_max": 96, "train_step": 16, "max_longer": 128, "eval": 80}
 DETR_IMAGES = {"train_min": 480, "train_max": 800, "train_step": 32, "max_longer": 1333, "eval": 800}
 
@@ -91,8 +91,21 @@ def validate(config: dict) -> dict:
     data.setdefault("num_workers", 4)
     train = config.setdefault("train", {})
     _check_keys("train", train, [f.name for f in fields(TrainerConfig)])
-    config.setdefault("eval", {})
+    if config.get("eval") is None:  # absent, or an empty "eval:" line
+        config["eval"] = {}
+    evaluation = config["eval"]
+    if not isinstance(evaluation, dict):
+        raise RunConfigError(f"section 'eval' is a mapping, got {evaluation!r}")
+    _check_keys("eval", evaluation, EVAL_KEYS)
     return config
+
+
+def schema() -> dict[str, tuple[str, ...]]:
+    """Each section's keys that `validate` accepts (``data.image`` as its own entry; ``tokenizer`` is a path)."""
+    from e2evlp.train.trainer import TrainerConfig
+
+    return {"model": MODEL_KEYS, "tokenizer": (), "data": DATA_KEYS, "data.image": IMAGE_KEYS,
+            "train": tuple(f.name for f in fields(TrainerConfig)), "eval": EVAL_KEYS}
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> dict:

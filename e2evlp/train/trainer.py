@@ -139,6 +139,7 @@ class _Run:
 
     started: float
     checkpoint: Path | None
+    resumed_from: dict | None = None
     stopped: str = "done"
     loss: float | None = None
     task_losses: dict[str, float] = field(default_factory=dict)
@@ -454,14 +455,21 @@ class Trainer:
 
         Returns steps, epochs (fractional when the loader has a length), skipped_nonfinite, stopped ("done",
         or "sigterm" after SIGTERM: a checkpoint is written at the step reached), samples_per_s and tokens_per_s
-        (this call, all ranks), loss and losses (the last log window's), seconds (this call) and checkpoint
-        (the last one written or resumed from, as a string; None if none)."""
+        (this call, all ranks), loss and losses (the last log window's), seconds (this call), checkpoint
+        (the last one written or resumed from, as a string; None if none; a SIGTERM stop also logs it as the
+        "stopped_by_sigterm" event) and resumed_from ({"checkpoint", "step"}
+        of the checkpoint this call resumed, also logged as a "resumed" event; None for a fresh run)."""
         config = self.config
         started = time.perf_counter()
         checkpoint = self._start_run()
         logger = RunLogger(config.output_dir, enabled=self.is_main, total_steps=config.max_steps,
                            initial_step=self.step, progress=config.progress, tensorboard=config.tensorboard)
         run = _Run(started, checkpoint)
+        if checkpoint is not None:
+            run.resumed_from = {"checkpoint": str(checkpoint), "step": self.step}
+            # One line on the console and in log.jsonl: a rerun that continues an old run says so.
+            logger.record({"event": "resumed", "step": self.step, "epoch": self.epoch,
+                           "resumed_from": run.resumed_from})
         try:
             with self._sigterm_requests_stop():
                 self._run_steps(run, logger)
@@ -520,6 +528,10 @@ class Trainer:
                 run.stopped = "sigterm"
             self._log_and_save_when_due(run, logger, final=done or run.stopped == "sigterm")
             if run.stopped == "sigterm":
+                # The last line of log.jsonl: what tells a preemption (resume it) from a crash under torchrun,
+                # which reports the workers' exit status 143 as a failure (its own status is 1).
+                logger.record({"event": "stopped_by_sigterm", "step": self.step, "epoch": self.epoch,
+                               "checkpoint": str(run.checkpoint)})
                 break
 
     def _log_and_save_when_due(self, run: _Run, logger: RunLogger, *, final: bool) -> None:
@@ -538,4 +550,5 @@ class Trainer:
         return {"steps": self.step, "epochs": epochs, "skipped_nonfinite": self.skipped_nonfinite,
                 "stopped": run.stopped, "samples_per_s": run.totals.samples / seconds,
                 "tokens_per_s": run.totals.tokens / seconds, "loss": run.loss, "losses": run.task_losses,
-                "seconds": seconds, "checkpoint": None if run.checkpoint is None else str(run.checkpoint)}
+                "seconds": seconds, "checkpoint": None if run.checkpoint is None else str(run.checkpoint),
+                "resumed_from": run.resumed_from}
