@@ -72,6 +72,12 @@ def _val_predictions(task: str, config_path: Path, checkpoint: Path) -> dict:
     return predictions
 
 
+def _log_records(output_dir: Path) -> list[dict]:
+    """The step records of a run's log.jsonl (not its events or its eval line)."""
+    lines = (json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines())
+    return [record for record in lines if "step" in record and "event" not in record]
+
+
 def _vqa_annotations(path) -> dict[int, list[str]]:
     """Question id → the raw annotator answers, straight from a VQA v2 annotation file."""
     items = json.loads(Path(path).read_text())["annotations"]
@@ -101,6 +107,9 @@ def test_pretrain_evaluate_finetune_caption(synthetic, tmp_path, capsys):
     # No tokenizer in the config: the one exported with model.init (the pre-training run's final/) is used.
     assert cli.main(["finetune", "vqa", "--config", str(vqa_config), "tokenizer=null"]) == 0
     vqa_summary = _json_out(capsys)
+    assert vqa_summary["new_heads"] == ["vqa_head"]  # the pre-trained trunk has no VQA head
+    records = _log_records(tmp_path / "vqa")
+    assert records and all("losses" not in record for record in records)  # one task: its loss is "loss"
     vqa_final = Path(vqa_summary["final"])
     answers = json.loads((vqa_final / "answer_vocab.json").read_text())
     predicted = {q: answers[i] for q, i in _val_predictions("vqa", vqa_config, vqa_final).items()}

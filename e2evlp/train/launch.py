@@ -67,6 +67,8 @@ def train(task: str, config: dict) -> dict:
     trainer_config = TrainerConfig(**{"find_unused_parameters": task != "pretrain", **config["train"]})
     trainer = Trainer(model, trainer_config, loader, device=device)
     summary = trainer.train()
+    if init:  # the heads a fine-tuning task adds to the trunk it loads start from scratch
+        summary["new_heads"] = sorted({name.split(".")[0] for name in getattr(model, "new_weights", ())})
     full_state = distributed.full_model_state_dict(trainer.model) if distributed.is_sharded(trainer.model) else None
     if distributed.is_main_process() and summary.get("stopped") == "done":
         final = export(model, tokenizer, config, answers, state_dict=full_state)

@@ -87,7 +87,8 @@ class RunLogger:
     """Writes the run's records on rank 0 (`enabled`); a no-op elsewhere.
 
     Each record is one line of `output_dir/log.jsonl`: step, epoch, lr (per parameter-group name), loss and
-    losses (per task, averaged over the window), grad_norm (the last step's), samples_per_s and tokens_per_s
+    losses (per task, averaged over the window; only for models that report them in ``output.losses``),
+    grad_norm (the last step's), samples_per_s and tokens_per_s
     (all ranks), skipped_nonfinite (so far), elapsed (seconds of training, summed over resumes). A skipped step
     adds a line with "event": "skipped_nonfinite" and its step, epoch and loss; a resumed run starts with a line
     "event": "resumed", its step and epoch, and "resumed_from": {"checkpoint", "step"}; a run stopped by SIGTERM
@@ -135,7 +136,7 @@ class RunLogger:
                 if isinstance(record[key], float) and math.isfinite(record[key]):
                     self.writer.add_scalar(f"train/{key}", record[key], record["step"])
             for group in ("lr", "losses"):
-                for name, value in record[group].items():
+                for name, value in record.get(group, {}).items():
                     self.writer.add_scalar(f"{group}/{name}", value, record["step"])
 
     def close(self) -> None:

@@ -444,10 +444,13 @@ class Trainer:
         if dist_utils.world_size() > 1:  # like the loss, the mean over ranks (one gather per record)
             task_losses = _mean_over_ranks(dist_utils.all_gather_objects(task_losses))
         seconds = max(time.perf_counter() - window.started, 1e-9)
-        logger.record({"step": self.step, "epoch": self.epoch, "lr": self._last_lrs, "loss": loss,
-                       "losses": task_losses, "grad_norm": window.grad_norm,
-                       "samples_per_s": window.samples / seconds, "tokens_per_s": window.tokens / seconds,
-                       "skipped_nonfinite": self.skipped_nonfinite, "elapsed": self.elapsed})
+        record = {"step": self.step, "epoch": self.epoch, "lr": self._last_lrs, "loss": loss,
+                  "losses": task_losses, "grad_norm": window.grad_norm,
+                  "samples_per_s": window.samples / seconds, "tokens_per_s": window.tokens / seconds,
+                  "skipped_nonfinite": self.skipped_nonfinite, "elapsed": self.elapsed}
+        if not task_losses:  # a one-task model (fine-tuning): its loss is "loss", an empty "losses" says nothing
+            del record["losses"]
+        logger.record(record)
         return loss, task_losses
 
     def train(self) -> dict:
