@@ -68,6 +68,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Exit status 0 when every image decodes, 1 when some do not (they are listed)."""
+    from e2evlp.train.launch import check_data
+
+    result = check_data(args.task, _load_config(args), split=args.split, workers=args.workers)
+    _print_json(result)
+    return 1 if result["bad"] else 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from e2evlp.train.launch import caption_images
 
@@ -116,6 +125,18 @@ def add_commands(commands) -> None:
                       help="run config (YAML; see configs/); default: the run_config.yaml exported with the "
                            "checkpoint (<run>/final/)")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    data = commands.add_parser("data", help="check a run config's data before training")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser("check", help="decode every image file a task's split reads, in parallel, "
+                                                   "and list the bad ones (exit status 1 if any)")
+    check.add_argument("task", choices=("pretrain", *FINETUNE_TASKS))
+    check.add_argument("--split", default="train", choices=["train", "val", "test"],
+                       help="the split to check (default %(default)s)")
+    check.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="decoding threads (default: the machine's cores)")
+    _config_arguments(check)
+    check.set_defaults(func=cmd_data_check)
 
     caption = commands.add_parser("caption", help="caption image files with a trained model")
     caption.add_argument("images", nargs="+", metavar="IMAGE")

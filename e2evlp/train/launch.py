@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from e2evlp.data.check import bad_images, image_files
 from e2evlp.data.collate import pad_images
 from e2evlp.data.readers import load_image
 from e2evlp.io import atomic_write
@@ -126,6 +127,17 @@ def _answers_for(config: dict) -> list[str]:
                                  "drop data.answers to keep its answer list")
             return answers
     return answer_vocab(config, num_answers=int(config["data"].get("answers", 3129)))
+
+
+def check_data(task: str, config: dict, split: str = "train", workers: int | None = None) -> dict:
+    """Decodes every image file `task`'s `split` reads, in parallel: {"task", "split", "images", "bad": [{"file",
+    "error"}]}. The data set is read as training reads it, so a bad annotation file fails here too."""
+    answers = _answers_for(config) if task == "vqa" else None
+    dataset = build_dataset(task, config, split, train=False, answers=answers)
+    files = image_files(dataset.records)
+    bad = bad_images(files, workers=workers, progress=config["train"].get("progress", True))
+    return {"task": task, "split": split, "images": len(files),
+            "bad": [{"file": str(path), "error": error} for path, error in bad]}
 
 
 def _has_val(task: str, config: dict) -> bool:
