@@ -15,7 +15,15 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from benchmarks.common import environment, make_record, missing_module, skip_note, time_interleaved
+from benchmarks.common import (
+    busy_cores,
+    environment,
+    make_record,
+    missing_module,
+    single_threaded,
+    skip_note,
+    time_interleaved,
+)
 from e2evlp import cli, ops, reference
 
 BENCH = "lsap"
@@ -95,8 +103,14 @@ def cases(device: str, quick: bool) -> list[tuple[int, int, str]]:
     return [(batch, rows, cols) for rows, cols in shapes for batch in batches]
 
 
+def busy_cases(quick: bool) -> list[tuple[int, int, str]]:
+    """The CPU cases also timed with every core but one kept busy by another process."""
+    return [(batch, 100, "U[0,50]") for batch in ((8, 64) if quick else (8, 64, 256))]
+
+
 def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict], list[dict]]:
-    """Times every implementation on every case; returns the records and the skip notes."""
+    """Times every implementation on every case (on the CPU also with busy cores, beside e2evlp on one thread);
+    returns the records and the skip notes."""
     env = environment()
     repeat = repeat or (5 if quick else 15)
     impls = {
@@ -107,18 +121,28 @@ def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict]
     impls.update(found)
     records = []
     for batch, rows, cols in cases(device, quick):
-        cost, padded, num_cols, counts = make_case(batch, rows, cols, device)
-        expected = scipy_totals(cost, counts)
-        for name, fn in impls.items():
-            got = totals(cost, fn(cost, padded, num_cols, counts), counts)
-            if not np.allclose(got, expected, rtol=1e-6, atol=1e-6):
-                raise AssertionError(f"{name} is not optimal on B={batch} N={rows} M={cols}")
-        timing = time_interleaved({n: (lambda f=f: f(cost, padded, num_cols, counts)) for n, f in impls.items()},
-                                  device, warmup=2, repeat=repeat)
-        case = f"B={batch} N={rows} M={'~' + cols if cols.startswith('U') else cols}"
-        for name, t in timing.items():
-            records.append(make_record(BENCH, name, case, t, device=device, dtype="float32", env=env))
+        records += _time_case(impls, batch, rows, cols, device, repeat, env)
+    if device == "cpu":
+        impls["e2evlp-1-thread"] = lambda c, p, n, k: single_threaded(lambda: impls["e2evlp"](c, p, n, k))()
+        with busy_cores() as busy:
+            for batch, rows, cols in busy_cases(quick):
+                records += _time_case(impls, batch, rows, cols, device, repeat, env, suffix=f" busy={busy}")
     return records, skipped
+
+
+def _time_case(impls: dict, batch: int, rows: int, cols: str, device: str, repeat: int, env: dict,
+               suffix: str = "") -> list[dict]:
+    """Checks every implementation's total cost against scipy's, then times them interleaved."""
+    cost, padded, num_cols, counts = make_case(batch, rows, cols, device)
+    expected = scipy_totals(cost, counts)
+    for name, fn in impls.items():
+        got = totals(cost, fn(cost, padded, num_cols, counts), counts)
+        if not np.allclose(got, expected, rtol=1e-6, atol=1e-6):
+            raise AssertionError(f"{name} is not optimal on B={batch} N={rows} M={cols}")
+    timing = time_interleaved({n: (lambda f=f: f(cost, padded, num_cols, counts)) for n, f in impls.items()},
+                              device, warmup=2, repeat=repeat)
+    case = f"B={batch} N={rows} M={'~' + cols if cols.startswith('U') else cols}{suffix}"
+    return [make_record(BENCH, name, case, t, device=device, dtype="float32", env=env) for name, t in timing.items()]
 
 
 if __name__ == "__main__":

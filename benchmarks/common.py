@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -59,6 +61,41 @@ def _calls_per_sample(fn: Callable[[], object], device: torch.device) -> int:
     end.synchronize()
     one = max(start.elapsed_time(end), 1e-3)
     return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_MS / one)))
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+@contextlib.contextmanager
+def busy_cores(count: int | None = None):
+    """Within the block, `count` processes (default: one per core but one) each keep a core busy, as a training
+    job's data-loader workers do: CPU code that splits its work across threads is timed the way it runs."""
+    count = max(0, (os.cpu_count() or 1) - 1) if count is None else count
+    stop = multiprocessing.get_context("spawn").Event()
+    spinners = [multiprocessing.get_context("spawn").Process(target=_spin, args=(stop,), daemon=True)
+                for _ in range(count)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        yield count
+    finally:
+        stop.set()
+        for spinner in spinners:
+            spinner.join(timeout=10)
+
+
+def single_threaded(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with torch's intra-op threads set to 1: the baseline a parallel CPU path must never fall below."""
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+    return run
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, *, warmup: int = 3,
