@@ -12,6 +12,8 @@ padded to the batch maximum with per-image counts; DETR's weights (class 1, L1 5
       reference   DETR's loss_boxes: L1 and 1 − the diagonal of torchvision's [P, P] GIoU matrix;
       torchvision L1 and torchvision.ops.generalized_box_iou_loss on the aligned pairs.
 Every answer (costs on the valid entries; losses and their gradients) is checked against the reference first.
+On the CPU, "e2evlp-1-thread" is e2evlp on one intra-op thread, the floor its threaded kernels must never fall
+below, and the largest batch is timed again with every core but one kept busy by another process.
 
     python -m benchmarks.bench_boxes [e2evlp bench options]   (the same as: e2evlp bench boxes ...)
 """
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.ops
 
-from benchmarks.common import environment, make_record, time_interleaved
+from benchmarks.common import busy_cores, environment, make_record, single_threaded, time_interleaved
 from e2evlp import cli, ops, reference
 
 BENCH = "boxes"
@@ -145,25 +147,38 @@ def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict]
     env = environment()
     repeat = repeat or (5 if quick or device == "cpu" else 20)
     records = []
-
-    def record(case: str, pass_: str, timing: dict[str, dict]) -> None:
-        records.extend(make_record(BENCH, name, case, t, device=device, dtype="float32", pass_=pass_, env=env)
-                       for name, t in timing.items())
-
+    variants = {"e2evlp-1-thread": single_threaded} if device == "cpu" else {}
     for B in cases(device, quick):
-        batch = make_batch(B, device)
-        shape = f"B={B} Q={QUERIES} C={CLASSES} T~U[0,{MAX_TARGETS}]"
-        check_costs(batch)
-        with torch.no_grad():
-            record(f"{shape} matching_cost", "fwd", time_interleaved(cost_impls(batch), device, repeat=repeat))
-        pred, target = matched_pairs(batch)
-        check_losses(pred, target)
-        pairs = f"{shape} box_losses P={len(target)}"
-        record(pairs, "fwd", time_interleaved({name: (lambda f=f: f(pred, target)) for name, f in LOSSES.items()},
-                                              device, repeat=repeat))
-        record(pairs, "fwd+bwd", time_interleaved(
-            {name: (lambda f=f: loss_and_grad(f, pred, target)) for name, f in LOSSES.items()}, device, repeat=repeat))
+        records += _time_batch(B, device, repeat, env, variants)
+    if device == "cpu":
+        with busy_cores() as busy:
+            records += _time_batch(max(cases(device, quick)), device, repeat, env, variants, suffix=f" busy={busy}")
     return records, []
+
+
+def _time_batch(B: int, device: str, repeat: int, env: dict, variants: dict, suffix: str = "") -> list[dict]:
+    """Checks and times the matching cost and the box losses on one batch size. `variants` maps an extra
+    implementation's name to a wrapper of e2evlp's (single_threaded)."""
+    records = []
+
+    def record(case: str, pass_: str, fns: dict) -> None:
+        for name, wrap in variants.items():
+            fns[name] = wrap(fns["e2evlp"])
+        timing = time_interleaved(fns, device, repeat=repeat)
+        records.extend(make_record(BENCH, name, case + suffix, t, device=device, dtype="float32", pass_=pass_,
+                                   env=env) for name, t in timing.items())
+
+    batch = make_batch(B, device)
+    shape = f"B={B} Q={QUERIES} C={CLASSES} T~U[0,{MAX_TARGETS}]"
+    check_costs(batch)
+    with torch.no_grad():
+        record(f"{shape} matching_cost", "fwd", cost_impls(batch))
+    pred, target = matched_pairs(batch)
+    check_losses(pred, target)
+    pairs = f"{shape} box_losses P={len(target)}"
+    record(pairs, "fwd", {name: (lambda f=f: f(pred, target)) for name, f in LOSSES.items()})
+    record(pairs, "fwd+bwd", {name: (lambda f=f: loss_and_grad(f, pred, target)) for name, f in LOSSES.items()})
+    return records
 
 
 if __name__ == "__main__":

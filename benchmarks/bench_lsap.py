@@ -109,8 +109,8 @@ def busy_cases(quick: bool) -> list[tuple[int, int, str]]:
 
 
 def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict], list[dict]]:
-    """Times every implementation on every case (on the CPU also with busy cores, beside e2evlp on one thread);
-    returns the records and the skip notes."""
+    """Times every implementation on every case (on the CPU beside e2evlp on one thread, and again with busy
+    cores); returns the records and the skip notes."""
     env = environment()
     repeat = repeat or (5 if quick else 15)
     impls = {
@@ -119,11 +119,12 @@ def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict]
     }
     found, skipped = peers(device)
     impls.update(found)
+    if device == "cpu":
+        impls["e2evlp-1-thread"] = lambda c, p, n, k: single_threaded(lambda: impls["e2evlp"](c, p, n, k))()
     records = []
     for batch, rows, cols in cases(device, quick):
         records += _time_case(impls, batch, rows, cols, device, repeat, env)
     if device == "cpu":
-        impls["e2evlp-1-thread"] = lambda c, p, n, k: single_threaded(lambda: impls["e2evlp"](c, p, n, k))()
         with busy_cores() as busy:
             for batch, rows, cols in busy_cases(quick):
                 records += _time_case(impls, batch, rows, cols, device, repeat, env, suffix=f" busy={busy}")

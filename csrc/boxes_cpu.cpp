@@ -1,16 +1,17 @@
 // CPU kernels of the box ops: fused per-image DETR matching cost, and per-pair L1 + GIoU losses.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "box_math.h"
 #include "boxes_common.h"
+#include "parallel_cpu.h"
 
 namespace e2evlp {
 namespace {
@@ -42,10 +43,11 @@ template <typename T>
 void matching_cost_rows(const T* logits, const T* probs, const T* boxes, const int64_t* labels, const TargetColumns<T>& tgt,
                         const int64_t* num_targets, int64_t Q, int64_t C1, int64_t Tn, T w_class, T w_bbox,
                         T w_giou, int class_cost, T alpha, T gamma, int64_t begin, int64_t end, T* out) {
+  // out holds rows [begin, end)
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t bq = begin; bq < end; ++bq) {
     const int64_t b = bq / Q;
-    T* o = out + bq * Tn;
+    T* o = out + (bq - begin) * Tn;
     const int64_t nt = num_targets[b];
     if (nt < 0 || nt > Tn) {  // poisoned, so that a solver downstream refuses it
       std::fill_n(o, Tn, nan);
@@ -95,39 +97,41 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
   if (out.numel() == 0) return out;
   // ATen's softmax is vectorized for the host CPU; the fused loop below only gathers from it.
   const at::Tensor probs = cls == kSoftmaxCost ? at::softmax(logits, -1) : logits;
+  const ItemPlan plan = plan_items(B * Q, 20.0 + 8.0 * static_cast<double>(Tn));
   AT_DISPATCH_FLOATING_TYPES(dtype, "matching_cost_cpu", [&] {
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Tn + C1));
-    const TargetColumns<scalar_t> targets(tboxes.const_data_ptr<scalar_t>(), B * Tn);
-    at::parallel_for(0, B * Q, grain, [&](int64_t begin, int64_t end) {
-      matching_cost_rows<scalar_t>(logits.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(),
-                                   boxes.const_data_ptr<scalar_t>(),
-                                   labels.const_data_ptr<int64_t>(), targets, counts.const_data_ptr<int64_t>(), Q,
-                                   C1, Tn, scalar_t(w_class), scalar_t(w_bbox), scalar_t(w_giou), cls,
-                                   scalar_t(focal_alpha), scalar_t(focal_gamma), begin, end,
-                                   out.mutable_data_ptr<scalar_t>());
-    });
+    auto targets = std::make_shared<const TargetColumns<scalar_t>>(tboxes.const_data_ptr<scalar_t>(), B * Tn);
+    run_items(B * Q, plan.chunk_items, plan.worth_threads,
+              {{reinterpret_cast<char*>(out.mutable_data_ptr<scalar_t>()), Tn * int64_t(sizeof(scalar_t))}},
+              [=](int64_t begin, int64_t end, char* const* dst) {
+                matching_cost_rows<scalar_t>(logits.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(),
+                                             boxes.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
+                                             *targets, counts.const_data_ptr<int64_t>(), Q, C1, Tn,
+                                             scalar_t(w_class), scalar_t(w_bbox), scalar_t(w_giou), cls,
+                                             scalar_t(focal_alpha), scalar_t(focal_gamma), begin, end,
+                                             reinterpret_cast<scalar_t*>(dst[0]));
+              });
   });
   return out;
 }
 
 template <typename T>
 void box_losses_pairs(const T* pred, const T* target, int64_t begin, int64_t end, T* l1, T* giou) {
-  for (int64_t p = begin; p < end; ++p) {
+  for (int64_t p = begin; p < end; ++p) {  // l1 and giou hold pairs [begin, end)
     const T* a = pred + 4 * p;
     const T* b = target + 4 * p;
-    l1[p] = std::abs(a[0] - b[0]) + std::abs(a[1] - b[1]) + std::abs(a[2] - b[2]) + std::abs(a[3] - b[3]);
-    giou[p] = T(1) - giou_terms(cxcywh_to_xyxy(a[0], a[1], a[2], a[3]), cxcywh_to_xyxy(b[0], b[1], b[2], b[3])).giou;
+    l1[p - begin] = std::abs(a[0] - b[0]) + std::abs(a[1] - b[1]) + std::abs(a[2] - b[2]) + std::abs(a[3] - b[3]);
+    giou[p - begin] = T(1) - giou_terms(cxcywh_to_xyxy(a[0], a[1], a[2], a[3]), cxcywh_to_xyxy(b[0], b[1], b[2], b[3])).giou;
   }
 }
 
 template <typename T>
 void box_losses_backward_pairs(const T* grad_l1, const T* grad_giou, const T* pred, const T* target, int64_t begin,
                                int64_t end, T* grad_pred, T* grad_target) {
-  for (int64_t p = begin; p < end; ++p) {
+  for (int64_t p = begin; p < end; ++p) {  // grad_pred and grad_target hold pairs [begin, end)
     const T* a = pred + 4 * p;
     const T* b = target + 4 * p;
-    T* ga = grad_pred + 4 * p;
-    T* gb = grad_target + 4 * p;
+    T* ga = grad_pred + 4 * (p - begin);
+    T* gb = grad_target + 4 * (p - begin);
     for (int k = 0; k < 4; ++k) {
       const T g = grad_l1[p] * sign_of(a[k] - b[k]);
       ga[k] = g;
@@ -147,11 +151,16 @@ std::tuple<at::Tensor, at::Tensor> box_losses_cpu(const at::Tensor& pred, const 
   const at::Tensor a = pred.to(dtype).contiguous(), b = target.to(dtype).contiguous();
   const int64_t P = a.size(0);
   at::Tensor l1 = at::empty({P}, a.options()), giou = at::empty({P}, a.options());
+  const ItemPlan plan = plan_items(P, 15.0);
   AT_DISPATCH_FLOATING_TYPES(dtype, "box_losses_cpu", [&] {
-    at::parallel_for(0, P, 2048, [&](int64_t begin, int64_t end) {
-      box_losses_pairs<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), begin, end,
-                                 l1.mutable_data_ptr<scalar_t>(), giou.mutable_data_ptr<scalar_t>());
-    });
+    constexpr int64_t bytes = sizeof(scalar_t);
+    run_items(P, plan.chunk_items, plan.worth_threads,
+              {{reinterpret_cast<char*>(l1.mutable_data_ptr<scalar_t>()), bytes},
+               {reinterpret_cast<char*>(giou.mutable_data_ptr<scalar_t>()), bytes}},
+              [a, b](int64_t begin, int64_t end, char* const* dst) {
+                box_losses_pairs<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), begin, end,
+                                           reinterpret_cast<scalar_t*>(dst[0]), reinterpret_cast<scalar_t*>(dst[1]));
+              });
   });
   const auto out_dtype = at::promote_types(pred.scalar_type(), target.scalar_type());
   return {l1.to(out_dtype), giou.to(out_dtype)};
@@ -166,13 +175,18 @@ std::tuple<at::Tensor, at::Tensor> box_losses_backward_cpu(const at::Tensor& gra
   const at::Tensor g1 = grad_l1.to(dtype).contiguous(), gg = grad_giou.to(dtype).contiguous();
   const int64_t P = a.size(0);
   at::Tensor grad_pred = at::empty({P, 4}, a.options()), grad_target = at::empty({P, 4}, a.options());
+  const ItemPlan plan = plan_items(P, 40.0);
   AT_DISPATCH_FLOATING_TYPES(dtype, "box_losses_backward_cpu", [&] {
-    at::parallel_for(0, P, 2048, [&](int64_t begin, int64_t end) {
-      box_losses_backward_pairs<scalar_t>(g1.const_data_ptr<scalar_t>(), gg.const_data_ptr<scalar_t>(),
-                                          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), begin, end,
-                                          grad_pred.mutable_data_ptr<scalar_t>(),
-                                          grad_target.mutable_data_ptr<scalar_t>());
-    });
+    constexpr int64_t bytes = 4 * sizeof(scalar_t);
+    run_items(P, plan.chunk_items, plan.worth_threads,
+              {{reinterpret_cast<char*>(grad_pred.mutable_data_ptr<scalar_t>()), bytes},
+               {reinterpret_cast<char*>(grad_target.mutable_data_ptr<scalar_t>()), bytes}},
+              [g1, gg, a, b](int64_t begin, int64_t end, char* const* dst) {
+                box_losses_backward_pairs<scalar_t>(g1.const_data_ptr<scalar_t>(), gg.const_data_ptr<scalar_t>(),
+                                                    a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), begin,
+                                                    end, reinterpret_cast<scalar_t*>(dst[0]),
+                                                    reinterpret_cast<scalar_t*>(dst[1]));
+              });
   });
   return {grad_pred.to(pred.scalar_type()), grad_target.to(target.scalar_type())};
 }
