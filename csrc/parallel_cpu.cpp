@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 namespace e2evlp {
@@ -67,7 +68,11 @@ class HelperPool {
     std::lock_guard<std::mutex> lock(mutex_);
     const uint64_t generation = generation_.load(std::memory_order_relaxed);
     for (; started_ < helpers; ++started_) {
-      std::thread([this, index = started_, generation] { serve(index, generation); }).detach();
+      try {
+        std::thread([this, index = started_, generation] { serve(index, generation); }).detach();
+      } catch (const std::system_error&) {
+        break;  // no more threads to be had: the helpers that exist (maybe none) share the job
+      }
     }
     current_ = job;
     generation_.store(generation + 1, std::memory_order_release);
