@@ -315,6 +315,60 @@ def test_bad_inputs_name_the_argument():
         enn.MultiheadAttention(E, 3)
 
 
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_rank_errors_are_torchs_assertion_errors_too(batched):
+    """Code written for torch's module catches AssertionError with torch's wording; ours raises a ValueError
+    that is also one, in train and in eval without grad."""
+    ours = enn.MultiheadAttention(4, 4)
+    lead = (4, 4) if batched else (4,)
+    q = torch.randn(*lead, 4)
+    other_rank = torch.randn(4, 4, 4) if not batched else torch.randn(4, 4)
+    cases = [((q, other_rank, q), {}, "expected `key` and `value` to be"),
+             ((q, q, other_rank), {}, "expected `key` and `value` to be"),
+             ((q, q, q), {"key_padding_mask": torch.zeros((4,) * (1 if batched else 2), dtype=torch.bool)},
+              "expected `key_padding_mask` to be `None` or"),
+             ((q, q, q), {"attn_mask": torch.zeros(4, dtype=torch.bool)}, "expected `attn_mask` to be `None`, 2-D")]
+    if not batched:
+        cases.append(((q, q, q), {"attn_mask": torch.zeros(5, 4, 4, dtype=torch.bool)},
+                      r"Expected `attn_mask` shape to be \(4, 4, 4\)"))
+    for module, grad in ((ours.train(), True), (ours.eval(), False)):
+        with torch.set_grad_enabled(grad):
+            for args, kwargs, message in cases:
+                with pytest.raises(AssertionError, match=message):
+                    module(*args, **kwargs)
+                with pytest.raises(ValueError, match=message):
+                    module(*args, **kwargs)
+
+
+def test_bias_of_another_dtype_is_promoted_as_in_torch():
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(4, 4, batch_first=True, dtype=torch.float64).eval()
+    theirs.in_proj_bias = nn.Parameter(theirs.in_proj_bias.to(torch.half))
+    ours = enn.MultiheadAttention(4, 4, batch_first=True, dtype=torch.float64).eval()
+    ours.in_proj_bias = nn.Parameter(ours.in_proj_bias.to(torch.half))
+    ours.load_state_dict(theirs.state_dict())
+    query = torch.randn(4, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected, _ = theirs(query, query, query, need_weights=False)
+        got, _ = ours(query, query, query)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected)
+
+
+def test_nested_tensors_take_torchs_own_path():
+    """torch runs nested inputs only on its native fast path (eval, no grad) and refuses them elsewhere with an
+    AssertionError; ours hands them to torch's forward, so both behave alike."""
+    theirs, ours = pair(batch_first=True)
+    nested = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(5, E)])
+    with pytest.raises(AssertionError, match="NestedTensor"):
+        ours(nested, nested, nested)
+    with torch.inference_mode():
+        got = ours(nested, nested, nested, need_weights=False)[0]
+        expected = theirs(nested, nested, nested, need_weights=False)[0]
+    for g, e in zip(got.unbind(), expected.unbind()):
+        torch.testing.assert_close(g, e)
+
 # ---- transformer blocks -------------------------------------------------------------------------------
 
 C, HEADS, FFN = 32, 2, 64

@@ -3,7 +3,7 @@
 from e2evlp.nn.attention import DecoderBlock, SelfAttentionBlock
 from e2evlp.nn.criterion import SetCriterion, weighted_total
 from e2evlp.nn.matcher import HungarianMatcher, Matching
-from e2evlp.nn.multihead_attention import MultiheadAttention
+from e2evlp.nn.multihead_attention import MultiheadAttention, MultiheadAttentionInputError
 from e2evlp.nn.targets import PaddedTargets, pad_targets
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "HungarianMatcher",
     "Matching",
     "MultiheadAttention",
+    "MultiheadAttentionInputError",
     "PaddedTargets",
     "SelfAttentionBlock",
     "SetCriterion",

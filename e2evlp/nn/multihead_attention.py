@@ -42,22 +42,51 @@ def _fused_runs(q: torch.Tensor) -> bool:
     return attention_backend(q.device) != "triton" or (q.dtype in ATTENTION_DTYPES and q.shape[-1] <= MAX_HEAD_DIM)
 
 
-def _check_ranks(query, key, value) -> bool:
-    """Whether the inputs are batched (3-D); they must share one rank."""
+_TORCH_FORWARD = nn.MultiheadAttention.forward  # bound at import: code that swaps torch's class for ours
+
+
+def _linear(x, weight, bias):
+    """F.linear, but a bias of another dtype is added with type promotion, as torch's module allows."""
+    if bias is None or bias.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x, weight) + bias
+
+
+class MultiheadAttentionInputError(ValueError, AssertionError):
+    """A bad input to MultiheadAttention. A ValueError, and also an AssertionError with torch's wording,
+    because torch's module asserts on these inputs and code written for it catches AssertionError."""
+
+
+def _check_inputs(query, key, value, key_padding_mask, attn_mask) -> bool:
+    """Whether the inputs are batched (3-D query); the ranks of key, value and the masks must agree."""
     if query.dim() not in (2, 3):
-        raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched), got {query.dim()}-D")
-    if key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"key ({key.dim()}-D) and value ({value.dim()}-D) must have query's rank "
-                         f"({query.dim()}-D)")
-    return query.dim() == 3
+        raise MultiheadAttentionInputError(
+            f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor")
+    rank = query.dim()
+    if key.dim() != rank or value.dim() != rank:
+        raise MultiheadAttentionInputError(
+            f"For {'batched' if rank == 3 else 'unbatched'} {rank}-D `query`, expected `key` and `value` to be "
+            f"{rank}-D but found {key.dim()}-D and {value.dim()}-D tensors respectively")
+    if key_padding_mask is not None and key_padding_mask.dim() != rank - 1:
+        raise MultiheadAttentionInputError(
+            f"For {'batched' if rank == 3 else 'unbatched'} {rank}-D `query`, expected `key_padding_mask` to be "
+            f"`None` or {rank - 1}-D but found {key_padding_mask.dim()}-D tensor instead")
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise MultiheadAttentionInputError(
+            f"For {'batched' if rank == 3 else 'unbatched'} {rank}-D `query`, expected `attn_mask` to be `None`, "
+            f"2-D or 3-D but found {attn_mask.dim()}-D tensor instead")
+    return rank == 3
 
 
 def _check_batch_first(query, key, value, embed_dim: int) -> None:
     """[B, Lq, E] query; key and value [B, Lk, ·] of one batch and length."""
     if query.shape[-1] != embed_dim:
-        raise ValueError(f"query's last dimension is {query.shape[-1]}, expected embed_dim={embed_dim}")
+        raise MultiheadAttentionInputError(
+            f"was expecting embedding dimension of {embed_dim}, but got {query.shape[-1]} (query's last dimension "
+            f"must be embed_dim={embed_dim})")
     if key.shape[:2] != value.shape[:2]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in batch or length")
+        raise MultiheadAttentionInputError(
+            f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in batch or length")
 
 
 class MultiheadAttention(nn.Module):
@@ -74,6 +103,8 @@ class MultiheadAttention(nn.Module):
       (averaged over heads when ``average_attn_weights``; with dropout applied in training, as torch does).
     * a query with no key left to attend to (e.g. a fully padded batch row) gets a zero attention output
       (so the module returns ``out_proj.bias`` there) and zero weights, where torch can return NaN.
+    * bad ranks and mask shapes raise ``MultiheadAttentionInputError``: a ValueError, and torch's AssertionError
+      with torch's wording. Nested-tensor inputs go to torch's own forward (its native kernel, eval without grad).
     * ``is_causal=True`` applies the causal mask itself; ``attn_mask`` is optional with it (torch requires
       one and treats the flag as a hint). When both are given, both apply.
 
@@ -154,18 +185,16 @@ class MultiheadAttention(nn.Module):
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         b_q, b_k, b_v = self.in_proj_bias.split(E) if self.in_proj_bias is not None else (None, None, None)
-        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return _linear(query, w_q, b_q), _linear(key, w_k, b_k), _linear(value, w_v, b_v)
 
     def _ops_attn_mask(self, attn_mask, B, Lq, Lk, dtype):
         """torch's attn_mask ([Lq, Lk] or [B*num_heads, Lq, Lk]; bool True = may NOT attend, or additive) in
         ops.attention's conventions: bool True = may attend, or additive float."""
-        if attn_mask.dim() not in (2, 3):
-            raise ValueError(f"attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
-        if attn_mask.dim() == 2 and attn_mask.shape != (Lq, Lk):
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)}: expected ({Lq}, {Lk})")
-        if attn_mask.dim() == 3 and attn_mask.shape != (B * self.num_heads, Lq, Lk):
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)}: expected "
-                             f"({B * self.num_heads}, {Lq}, {Lk}) = (batch * num_heads, Lq, Lk)")
+        expected = (Lq, Lk) if attn_mask.dim() == 2 else (B * self.num_heads, Lq, Lk)
+        if attn_mask.shape != expected:
+            raise MultiheadAttentionInputError(
+                f"Expected `attn_mask` shape to be {expected} but got {tuple(attn_mask.shape)} "
+                f"({'(Lq, Lk)' if attn_mask.dim() == 2 else '(batch * num_heads, Lq, Lk)'})")
         if attn_mask.dim() == 3:  # rows are ordered batch-major, head-minor
             attn_mask = attn_mask.view(B, self.num_heads, Lq, Lk)
         return ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(dtype)
@@ -180,7 +209,8 @@ class MultiheadAttention(nn.Module):
         if key_padding_mask is None:
             return None, mask
         if key_padding_mask.shape != (B, Lk):
-            raise ValueError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)}: expected ({B}, {Lk})")
+            raise MultiheadAttentionInputError(
+                f"Expected `key_padding_mask` shape to be {(B, Lk)} but got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.dtype == torch.bool:
             return key_padding_mask, mask
         additive = key_padding_mask.to(dtype)[:, None, None, :]
@@ -243,7 +273,10 @@ class MultiheadAttention(nn.Module):
         unbatched), where Lk' counts the keys added by add_bias_kv and add_zero_attn.
         Note: need_weights defaults to False here (torch: True); True runs the plain, unfused path.
         """
-        batched = _check_ranks(query, key, value)
+        if query.is_nested or key.is_nested or value.is_nested:  # torch's own forward: its native fast path
+            return _TORCH_FORWARD(self, query, key, value, key_padding_mask, need_weights,
+                                                 attn_mask, average_attn_weights, is_causal)
+        batched = _check_inputs(query, key, value, key_padding_mask, attn_mask)
         query, key, value, key_padding_mask = self._batch_first(query, key, value, key_padding_mask, batched)
         _check_batch_first(query, key, value, self.embed_dim)
         q, k, v = self._project(query, key, value)  # [B, Lq, E], [B, Lk, E], [B, Lk, E]
