@@ -5,8 +5,11 @@ images resized DETR-style into a 512×672 canvas with per-image padding, 20–40
 tasks, bf16 autocast (--quick: batch 8). On the CPU: the ``tiny`` preset at batch 4 (the step runs and is reported).
 Implementations: "e2evlp" (kernels="fused", the encoder packed to its real tokens), "e2evlp-padded"
 (kernels="fused", unpad_encoder=False: the padded layout with key padding masks) and "reference"
-(kernels="reference", padded: plain PyTorch attention, DETR's matcher and criterion). All start from the
-same weights and see the same batch. Reported per implementation: ms per step, samples/s, tokens/s (the
+(kernels="reference", padded: plain PyTorch attention, DETR's matcher and criterion), and the padded layout
+under torch.compile (fullgraph, Inductor): "e2evlp-compiled", and on a GPU "e2evlp-compiled-graphs" (the
+compiled forward and backward replayed as CUDA graphs); those take the targets as PaddedTargets, as the
+collator's static_shapes gives them, and report their compile time (the first step) as compile_s. All start
+from the same weights and see the same batch. Reported per implementation: ms per step, samples/s, tokens/s (the
 real text + image tokens of the encoder, padding excluded), peak memory and MFU, with FLOPs estimated as
 6 × (non-embedding Transformer parameters) × real encoder tokens + the backbone's forward FLOPs × 3
 (counted with torch.utils.flop_counter on one forward). Padding is not counted, so skipping it shows up
@@ -18,6 +21,7 @@ as a shorter step, not as extra FLOPs.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,6 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import environment, make_record, time_interleaved
 from e2evlp import cli
 from e2evlp.models import E2EVLPConfig, E2EVLPForPretraining
+from e2evlp.nn import pad_targets
+from e2evlp.train.trainer import compile_model
 
 BENCH = "train_step"
 BASELINE = "reference"  # the column the Markdown table's speed-ups are relative to
@@ -81,23 +87,38 @@ def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict]
     repeat = repeat or (5 if quick else 10 if on_gpu else 3)
     preset, B, H, W = shape(device, quick)
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    models, optimizers = {}, {}
-    for impl, kernels, unpad in (("e2evlp", "fused", True), ("e2evlp-padded", "fused", False),
-                                 ("reference", "reference", False)):
+    models, optimizers, runs = {}, {}, {}
+    variants = [("e2evlp", "fused", True, None), ("e2evlp-padded", "fused", False, None),
+                ("reference", "reference", False, None), ("e2evlp-compiled", "fused", False, False)]
+    if on_gpu:
+        variants.append(("e2evlp-compiled-graphs", "fused", False, True))
+    for impl, kernels, unpad, graphs in variants:
         torch.manual_seed(0)
         config = getattr(E2EVLPConfig, preset)(kernels=kernels, unpad_encoder=unpad)
         models[impl] = E2EVLPForPretraining(config).to(device).train()
         optimizers[impl] = torch.optim.AdamW([p for p in models[impl].parameters() if p.requires_grad], lr=1e-5)
+        runs[impl] = models[impl] if graphs is None else compile_model(models[impl], "default", graphs)
     config = models["e2evlp"].config
     batch = make_batch(config, B, H, W, device)
+    padded = dict(batch, targets=pad_targets(batch["targets"], device, bucket=True))
 
     def step(impl):
+        if impl.endswith("-graphs"):
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device_type=device, dtype=dtype, enabled=on_gpu):
-            loss = models[impl](**batch).loss
+            loss = runs[impl](**(padded if runs[impl] is not models[impl] else batch)).loss
         loss.backward()
         optimizers[impl].step()
         optimizers[impl].zero_grad(set_to_none=True)
 
+    compile_s = {}
+    for impl in models:
+        if runs[impl] is not models[impl]:
+            started = time.perf_counter()
+            step(impl)
+            if on_gpu:
+                torch.cuda.synchronize()
+            compile_s[impl] = round(time.perf_counter() - started, 1)
     timing = time_interleaved({impl: (lambda impl=impl: step(impl)) for impl in models}, device, warmup=2,
                               repeat=repeat)
     flops, encoder_tokens = step_flops(models["e2evlp"], batch)
@@ -111,7 +132,8 @@ def run(device: str, quick: bool, repeat: int | None = None) -> tuple[list[dict]
                                    pass_="step", tflops=round(tflops, 3), env=env,
                                    samples_per_s=round(B / seconds, 2),
                                    tokens_per_s=round(encoder_tokens / seconds, 1),
-                                   mfu=None if peak is None else round(tflops / peak, 4)))
+                                   mfu=None if peak is None else round(tflops / peak, 4),
+                                   compile_s=compile_s.get(impl)))
     return records, []
 
 

@@ -30,7 +30,7 @@ def triton_interpreting() -> bool:
 
 def batch_to_device(batch, device: torch.device):
     """`batch` with every tensor in it (nested in dicts, lists and tuples) moved to `device`."""
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, torch.Tensor) or callable(getattr(batch, "to", None)):  # tensors, PaddedTargets
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: batch_to_device(v, device) for k, v in batch.items()}

@@ -214,9 +214,9 @@ def backward(do, q, k, v, out, lse, key_padding_mask, attn_mask, cu_seqlens_q, c
     problem = Problem(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       causal, scale, dropout_p, seed)
     do, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (do, out))
-    # Dense gradients with their own strides: q, k and v may be views of one packed qkv tensor, whose
-    # strides would make each gradient span the whole of it.
-    dq, dk, dv = (torch.empty_like(t) for t in (problem.q, problem.k, problem.v))
+    # Contiguous gradients, a layout from the shape alone (the op's fake promises it to torch.compile): q, k and
+    # v may be views of one packed qkv tensor, whose strides would make each gradient span the whole of it.
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (problem.q, problem.k, problem.v))
     if problem.q.numel() == 0 or problem.k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)  # [B, H, Lq] or [total_q, H]

@@ -293,3 +293,27 @@ def test_caption_and_image_text_batches_run_through_their_models(data, monkeypat
     assert torch.isfinite(_run(E2EVLPForRetrieval, config, batch).logits).all()
     with pytest.raises(ValueError, match="samples"):
         ImageTextCollator(tokenizer)([])
+
+
+def test_static_shapes_batches_have_fixed_shapes_and_padded_targets(data):
+    from e2evlp.data.collate import IMAGE_BUCKET
+    from e2evlp.nn import PaddedTargets
+
+    dataset = PretrainingDataset(data["captions"], data["detections"], tiny_train_transforms(), seed=3)
+    collator = PretrainingCollator(data["tokenizer"], max_text_length=24, max_caption_length=20, static_shapes=True)
+    lists = PretrainingCollator(data["tokenizer"], max_text_length=24, max_caption_length=20)
+    for indices in ((0, 4), (9, 13, 2)):
+        samples = [dataset[i] for i in indices]
+        batch = collator(samples)
+        assert batch["input_ids"].shape[1] == 24 and batch["caption_ids"].shape[1] == 20
+        assert all(side % IMAGE_BUCKET == 0 for side in batch["pixel_values"].shape[-2:])
+        targets = batch["targets"]
+        assert isinstance(targets, PaddedTargets) and targets.labels.shape[1] in (8, 16, 32)
+        for padded, listed in zip(targets.to_list(), lists(samples)["targets"]):
+            for key in ("labels", "boxes", "attributes"):
+                torch.testing.assert_close(padded[key], listed[key])
+    bad = [dataset[0], dataset[4]]
+    bad[0] = dict(bad[0], boxes=torch.tensor([[0.5, 0.5, -0.1, 0.2]]), labels=torch.tensor([1]),
+                  attributes=torch.tensor([-1]))
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]"):
+        collator(bad)

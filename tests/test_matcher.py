@@ -60,12 +60,34 @@ def test_match_layers_equals_one_layer_at_a_time():
     outputs, targets = detr_batch([3, 5, 0], queries=9, classes=4, generator=gen(2), layers=4)
     matcher = enn.HungarianMatcher(**WEIGHTS)
     layers = [outputs] + outputs["aux_outputs"]
-    together = matcher.match_layers(layers, targets)
-    assert len(together) == 4
+    together, status = matcher.match_layers(layers, targets)
+    assert len(together) == 4 and status.shape == (4, 3) and not status.any()
     for layer, matching in zip(layers, together):
         for (i, j), (ri, rj) in zip(matching.pairs(), matcher(layer, targets)):
             assert torch.equal(i, ri) and torch.equal(j, rj)
-        assert torch.equal(matching.batch_idx, torch.tensor([0, 0, 0, 1, 1, 1, 1, 1]))
+        assert matching.valid.sum(1).tolist() == [3, 5, 0]
+        assert matching.src_idx.shape == (3, 5)  # K = min(Q, T)
+
+
+def test_matching_slots_agree_with_the_assignment():
+    outputs, targets = detr_batch([2, 12, 0, 5], queries=10, classes=4, generator=gen(12))
+    (matching,), _ = enn.HungarianMatcher(**WEIGHTS).match_layers([outputs], targets)
+    assert matching.query_target.shape == (4, 10)
+    for b, n in enumerate([2, 12, 0, 5]):
+        k = min(n, 10)
+        src, tgt = matching.src_idx[b, :k], matching.tgt_idx[b, :k]
+        assert matching.valid[b].tolist() == [True] * k + [False] * (matching.valid.shape[1] - k)
+        assert torch.equal(matching.query_target[b, src], tgt)
+        assert int((matching.query_target[b] >= 0).sum()) == k
+
+
+def test_refused_problems_come_back_as_status_without_a_host_read():
+    outputs, targets = detr_batch([2, 3], queries=4, classes=3, generator=gen(13), layers=2)
+    outputs["aux_outputs"][0]["pred_logits"][1, 0, 0] = float("nan")
+    layers = [outputs] + outputs["aux_outputs"]
+    matchings, status = enn.HungarianMatcher(**WEIGHTS).match_layers(layers, targets)
+    assert status.tolist() == [[0, 0], [0, 1]]
+    assert not matchings[1].valid[1].any() and matchings[1].valid[0].sum() == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -127,6 +149,7 @@ def test_criterion_equals_detr(case, dtype, tol):
     leaves = require_grad(outputs)
     ours, detr = make_criteria(5, 4)
     got, want = ours(outputs, targets), detr.to(dtype)(outputs, targets)
+    assert got.pop("matching_failures").item() == 0
     assert set(got) == set(want)
     assert {"loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "class_error", "loss_attr", "loss_ce_1",
             "loss_attr_0", "loss_giou_1"} <= set(got)

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, get_worker_info
 
+from e2evlp.nn.targets import PaddedTargets, pad_targets, validate_targets
+
 from .transforms import mix_seeds
 
 
@@ -33,9 +35,11 @@ def pad_images(images: Sequence[Tensor], *, size_divisibility: int = 1) -> tuple
     return pixel_values, pixel_mask
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
-    """input_ids [B, L] and attention_mask [B, L], padded to the longest text and truncated to ``max_length``."""
-    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+def tokenize(tokenizer, texts: list[str], max_length: int, *, pad_to_max: bool = False) -> tuple[Tensor, Tensor]:
+    """input_ids [B, L] and attention_mask [B, L], truncated to ``max_length`` and padded to the longest text
+    (to ``max_length`` with `pad_to_max`, so that every batch has one shape)."""
+    encoded = tokenizer(texts, padding="max_length" if pad_to_max else "longest", truncation=True,
+                        max_length=max_length, return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]
 
 
@@ -102,6 +106,16 @@ def _negative_partners(texts: Sequence[str], image_ids: Sequence, fraction: floa
     return partners
 
 
+IMAGE_BUCKET = 128  # pixels: with static_shapes, image sides are rounded up to a multiple of it
+
+
+def padded_for_compile(targets: list[dict]) -> PaddedTargets:
+    """`targets` as PaddedTargets with a bucketed slot count, their boxes checked on the host."""
+    padded = pad_targets(targets, "cpu", bucket=True)
+    validate_targets(padded)
+    return padded
+
+
 class PretrainingCollator:
     """Turns transformed samples {"image" [3, H, W], "text", "image_id", "boxes" [T, 4] cxcywh, "labels" [T],
     "attributes" [T]} into the keyword arguments of E2EVLPForPretraining.forward.
@@ -115,15 +129,22 @@ class PretrainingCollator:
     in the batch stays matched. Every text is masked the same way, but only matched pairs carry MLM labels (as
     in UNITER, MLM is learned on matched pairs only): masking only the matched texts would let the ITM head
     read the answer off the presence of [MASK]. The caption target is always the item's own, unmasked text.
+
+    ``static_shapes=True`` makes batches a compiled step (and CUDA graphs) can replay without recompiling: the
+    targets come as ``e2evlp.nn.PaddedTargets`` padded to a bucketed count (8, 16, 32, ...), their boxes checked
+    here on the host; texts are padded to their maximum lengths; image sides are rounded up to a multiple of
+    ``IMAGE_BUCKET`` pixels (with SizeBucketBatchSampler a few shapes cover a data set). The default pads to the
+    batch's longest text and image and gives DETR's list of target dicts.
     """
 
     def __init__(self, tokenizer, *, max_text_length: int = 40, max_caption_length: int = 40,
                  mlm_probability: float = 0.15, itm_negative_fraction: float = 0.5, seed: int = 0,
-                 size_divisibility: int = 32):
+                 size_divisibility: int = 32, static_shapes: bool = False):
         self.tokenizer = tokenizer
         self.max_text_length, self.max_caption_length = max_text_length, max_caption_length
         self.mlm_probability, self.itm_negative_fraction = mlm_probability, itm_negative_fraction
         self.seed, self.size_divisibility = seed, size_divisibility
+        self.static_shapes = static_shapes
         self._generator: torch.Generator | None = None
 
     def generator(self) -> torch.Generator:
@@ -144,21 +165,24 @@ class PretrainingCollator:
         partners = _negative_partners(texts, [sample["image_id"] for sample in samples], self.itm_negative_fraction,
                                       generator)
         itm_labels = torch.tensor([int(j == i) for i, j in enumerate(partners)])  # [B]
-        input_ids, attention_mask = tokenize(self.tokenizer, [texts[j] for j in partners], self.max_text_length)
+        input_ids, attention_mask = tokenize(self.tokenizer, [texts[j] for j in partners], self.max_text_length,
+                                             pad_to_max=self.static_shapes)
         input_ids, mlm_labels = mask_tokens(
             input_ids, attention_mask, vocab_size=len(self.tokenizer), mask_token_id=self.tokenizer.mask_token_id,
             special_ids=self.tokenizer.all_special_ids, probability=self.mlm_probability, generator=generator)
         mlm_labels = mlm_labels.masked_fill(itm_labels[:, None] == 0, -100)
-        caption_ids, caption_mask = tokenize(self.tokenizer, texts, self.max_caption_length)
-        pixel_values, pixel_mask = pad_images([sample["image"] for sample in samples],
-                                              size_divisibility=self.size_divisibility)
+        caption_ids, caption_mask = tokenize(self.tokenizer, texts, self.max_caption_length,
+                                             pad_to_max=self.static_shapes)
+        divisibility = math.lcm(self.size_divisibility, IMAGE_BUCKET) if self.static_shapes else self.size_divisibility
+        pixel_values, pixel_mask = pad_images([sample["image"] for sample in samples], size_divisibility=divisibility)
         batch = dict(pixel_values=pixel_values, pixel_mask=pixel_mask, input_ids=input_ids,
                      attention_mask=attention_mask, mlm_labels=mlm_labels, itm_labels=itm_labels,
                      caption_ids=caption_ids, caption_mask=caption_mask)
         # Image-text pairs without boxes (retrieval fine-tuning on captions only) train the other tasks.
         if all("labels" in sample for sample in samples):
-            batch["targets"] = [{"labels": sample["labels"].long(), "boxes": sample["boxes"].float(),
-                                 "attributes": sample["attributes"].long()} for sample in samples]
+            targets = [{"labels": sample["labels"].long(), "boxes": sample["boxes"].float(),
+                        "attributes": sample["attributes"].long()} for sample in samples]
+            batch["targets"] = padded_for_compile(targets) if self.static_shapes else targets
         return batch
 
 

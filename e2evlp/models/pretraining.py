@@ -26,6 +26,9 @@ class PretrainingOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # mlm, itm, detection, caption (those run)
     detection_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # SetCriterion's, unweighted
     detection_outputs: dict | None = None
+    # Matching problems the solver refused (non-finite or infeasible costs), a float tensor; the Trainer reads it
+    # with the loss, so a compiled step that skips the criterion's host-side checks still stops on them.
+    matching_failures: torch.Tensor | None = None
 
 
 def detection_criterion(config: E2EVLPConfig) -> nn.Module:
@@ -90,6 +93,7 @@ class E2EVLPForPretraining(PretrainedModule):
                 out.losses["itm"] = self._itm_loss(joint, itm_labels)
             if targets is not None:
                 out.detection_outputs, out.detection_losses = self._detection_losses(joint, targets)
+                out.matching_failures = out.detection_losses.pop("matching_failures", None)
                 out.losses["detection"] = self.criterion.weighted_total(out.detection_losses)
         if caption_ids is not None:
             out.losses["caption"] = self._caption_loss(image, caption_ids, caption_mask)
@@ -117,10 +121,13 @@ class E2EVLPForPretraining(PretrainedModule):
         logits = self.itm_head(self.model.pooler(joint.hidden))  # [B, 2]
         return F.cross_entropy(logits.float(), itm_labels)
 
-    def _detection_losses(self, joint: EncoderOutput, targets: list[dict]) -> tuple[dict, dict[str, torch.Tensor]]:
+    def _detection_losses(self, joint: EncoderOutput, targets: list[dict] | enn.PaddedTargets
+                          ) -> tuple[dict, dict[str, torch.Tensor]]:
         """The object queries' predictions over the joint encoding, and the criterion's unweighted losses."""
         if len(targets) != joint.hidden.shape[0]:
             raise ValueError(f"got {len(targets)} target dicts for {joint.hidden.shape[0]} images")
+        if isinstance(targets, enn.PaddedTargets) and not isinstance(self.criterion, enn.SetCriterion):
+            targets = targets.to_list()  # DETR's criterion (kernels="reference") takes its lists
         outputs = self.model.detect(joint)
         return outputs, self.criterion(outputs, targets)
 

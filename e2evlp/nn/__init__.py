@@ -4,7 +4,7 @@ from e2evlp.nn.attention import DecoderBlock, SelfAttentionBlock
 from e2evlp.nn.criterion import SetCriterion, weighted_total
 from e2evlp.nn.matcher import HungarianMatcher, Matching
 from e2evlp.nn.multihead_attention import MultiheadAttention, MultiheadAttentionInputError
-from e2evlp.nn.targets import PaddedTargets, pad_targets
+from e2evlp.nn.targets import PaddedTargets, pad_targets, validate_targets
 
 __all__ = [
     "DecoderBlock",
@@ -16,5 +16,6 @@ __all__ = [
     "SelfAttentionBlock",
     "SetCriterion",
     "pad_targets",
+    "validate_targets",
     "weighted_total",
 ]

@@ -43,20 +43,25 @@ def _checked_counts(counts: Counts, name: str, batch: int, device: torch.device,
     return tensor.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
-def _raise_on_status(status: torch.Tensor, single: bool, rows: int, cols: int) -> None:
-    if not bool(status.any()):  # the one host sync of a checked call
+def status_message(code: int, rows: int, cols: int) -> str:
+    """The words for a nonzero solver status code, for a batch of [rows, cols] problems."""
+    return _STATUS_MESSAGES.get(code, f"unknown solver status {code}").format(N=rows, M=cols)
+
+
+def raise_on_status(status: torch.Tensor, single: bool, rows: int, cols: int) -> None:
+    """ValueError naming the first failed item of a returned status, if any (one host sync)."""
+    if not bool(status.any()):
         return
     failed = torch.nonzero(status).flatten().tolist()
     item = failed[0]
-    code = int(status[item])
-    message = _STATUS_MESSAGES.get(code, f"unknown solver status {code}").format(N=rows, M=cols)
+    message = status_message(int(status[item]), rows, cols)
     if not single:
         message += f" (batch item {item}" + (f", and {len(failed) - 1} more)" if len(failed) > 1 else ")")
     raise ValueError(message)
 
 
 def linear_sum_assignment(cost: torch.Tensor, *, num_rows: Counts = None, num_cols: Counts = None,
-                          maximize: bool = False, check: bool = True) -> torch.Tensor:
+                          maximize: bool = False, check: bool = True, return_status: bool = False):
     """Solves min (or max) sum_i cost[b, i, assignment[b, i]] exactly for every item b of a batch.
 
     Args:
@@ -67,10 +72,14 @@ def linear_sum_assignment(cost: torch.Tensor, *, num_rows: Counts = None, num_co
         check: raise ``ValueError`` for invalid entries, infeasible problems and counts outside
             ``[0, N]``/``[0, M]``. This costs one host sync; with ``check=False`` no sync happens and a
             failed item's rows are all ``-1``.
+        return_status: also return the int32 ``[B]`` (or ``[]``) status, 0 for a solved item, else the code
+            that ``check`` turns into an error (``status_message`` words it); implies no check, so the
+            call stays free of host syncs and can be traced into a graph.
 
     Returns:
         int64 ``[B, N]`` (or ``[N]``) on ``cost.device``: the column of each row, ``-1`` for an unassigned
-        row; exactly ``min(n_valid, m_valid)`` rows per item are assigned. The total cost equals
+        row; exactly ``min(n_valid, m_valid)`` rows per item are assigned. With ``return_status``, the pair
+        ``(assignment, status)``. The total cost equals
         ``scipy.optimize.linear_sum_assignment``'s; indices may differ only where ties allow it.
     """
     if not isinstance(cost, torch.Tensor):
@@ -86,8 +95,10 @@ def linear_sum_assignment(cost: torch.Tensor, *, num_rows: Counts = None, num_co
     rows = _checked_counts(num_rows, "num_rows", B, batch.device, single)
     cols = _checked_counts(num_cols, "num_cols", B, batch.device, single)
     assignment, status = torch.ops.e2evlp.linear_sum_assignment(batch, rows, cols, bool(maximize))
+    if return_status:
+        return (assignment[0], status[0]) if single else (assignment, status)
     if check and B > 0:
-        _raise_on_status(status, single, N, M)
+        raise_on_status(status, single, N, M)
     return assignment[0] if single else assignment
 
 

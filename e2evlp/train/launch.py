@@ -57,11 +57,14 @@ def train(task: str, config: dict) -> dict:
         answers = _answers_for(config)
         fields["num_answers"] = len(answers)
     # The same seed on every rank before the weights are drawn: FSDP2 does not broadcast them as DDP does.
+    compiled = config["train"].get("compile", "none") != "none"
+    if compiled:
+        fields["unpad_encoder"] = _padded_layout(config)
     torch.manual_seed(seed)
     model = build_model(task, config, tokenizer, **fields)
     dataset = build_dataset(task, config, "train", train=True, answers=answers, seed=seed)
     check_detection_labels(dataset, model.config)
-    collator = build_collator(task, model.config, tokenizer, train=True, seed=seed)
+    collator = build_collator(task, model.config, tokenizer, train=True, seed=seed, static_shapes=compiled)
     loader = train_loader(dataset, collator, config, seed=seed, num_replicas=distributed.world_size(),
                           rank=distributed.rank(), pin_memory=device.type == "cuda")
     # Fine-tuning models leave parts of the pre-trained trunk unused (VQA and NLVR2: the decoder).
@@ -83,6 +86,15 @@ def train(task: str, config: dict) -> dict:
     distributed.barrier()
     distributed.shutdown()
     return summary
+
+
+def _padded_layout(config: dict) -> bool:
+    """unpad_encoder for a compiled run: False, the padded layout (packing the real tokens reads their count on
+    the host, which breaks the graph); a config that asks for the packed one with train.compile is refused."""
+    if config["model"]["config"].get("unpad_encoder"):
+        raise ValueError("train.compile needs the padded encoder layout: remove model.config.unpad_encoder=true "
+                         "(packing the real tokens reads their count on the host, which breaks the compiled graph)")
+    return False
 
 
 def _warmup_within_run(train: dict) -> dict:

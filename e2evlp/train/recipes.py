@@ -221,13 +221,16 @@ class RenameKeys:
         return {self.names.get(key, key): value for key, value in self.collator(samples).items()}
 
 
-def build_collator(task: str, model_config: E2EVLPConfig, tokenizer, *, train: bool, seed: int = 0):
-    """`task`'s collator; evaluation batches of the pre-training task keep their text unmasked."""
+def build_collator(task: str, model_config: E2EVLPConfig, tokenizer, *, train: bool, seed: int = 0,
+                   static_shapes: bool = False):
+    """`task`'s collator; evaluation batches of the pre-training task keep their text unmasked. `static_shapes`
+    (compiled training) gives pre-training batches a few fixed shapes and padded targets."""
     text, caption = model_config.max_text_length, model_config.max_caption_length
     stride = model_config.backbone_stride
     if task in ("pretrain", "detection"):
         return PretrainingCollator(tokenizer, max_text_length=text, max_caption_length=caption, seed=seed,
-                                   mlm_probability=0.15 if train else 0.0, size_divisibility=stride)
+                                   mlm_probability=0.15 if train else 0.0, size_divisibility=stride,
+                                   static_shapes=static_shapes)
     if task == "vqa":
         return VQACollator(tokenizer, max_text_length=text, size_divisibility=stride)
     if task == "nlvr2":

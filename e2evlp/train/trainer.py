@@ -33,6 +33,7 @@ from e2evlp.train.logging import RunLogger, Window, batch_size, batch_tokens, re
 from e2evlp.train.optim import DECAYS, build_optimizer, warmup_schedule
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE_MODES = ("none", "default", "max-autotune")
 # Settings that shape the optimization itself: changing them on resume does not continue the same run.
 TRAJECTORY_SETTINGS = ("lr", "backbone_lr", "weight_decay", "warmup_steps", "decay", "min_lr_ratio",
                        "grad_accum_steps", "max_grad_norm", "precision", "seed")
@@ -61,6 +62,8 @@ class TrainerConfig:
     progress: bool = True  # tqdm on rank 0
     tensorboard: bool = False  # needs the tensorboard package
     resume: bool = True  # continue from the latest complete checkpoint in output_dir
+    compile: str = "none"  # "none" | "default" | "max-autotune": torch.compile of the model's forward (one graph)
+    cuda_graphs: bool = False  # capture and replay the compiled step with CUDA graphs (needs compile, CUDA)
 
     def __post_init__(self):
         def is_int(value) -> bool:
@@ -91,11 +94,28 @@ class TrainerConfig:
             "log_every": (lambda: is_int(self.log_every) and self.log_every >= 1, "an int >= 1"),
             "max_nonfinite_steps": (lambda: is_int(self.max_nonfinite_steps) and self.max_nonfinite_steps >= 1,
                                     "an int >= 1"),
+            "compile": (lambda: self.compile in COMPILE_MODES, f"one of {COMPILE_MODES}"),
+            "cuda_graphs": (lambda: isinstance(self.cuda_graphs, bool) and (not self.cuda_graphs
+                                                                            or self.compile != "none"),
+                            "a bool, and true only with compile set (CUDA graphs replay a compiled step)"),
         }
         for name, (valid, requirement) in checks.items():
             if not valid():
                 raise ValueError(f"TrainerConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
         self.output_dir = str(self.output_dir)
+
+
+def compile_model(model: nn.Module, mode: str, cuda_graphs: bool, *, fullgraph: bool = True) -> nn.Module:
+    """`model` under torch.compile with Inductor: ``mode`` "default" or "max-autotune"; ``cuda_graphs`` captures the
+    compiled forward and backward as CUDA graphs and replays them, and raises naming the reason (a host sync, a
+    CPU tensor, dynamic shapes, ...) where Inductor would otherwise run a graph without them."""
+    if mode not in COMPILE_MODES[1:]:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES[1:]}, got {mode!r}")
+    if not cuda_graphs:
+        return torch.compile(model, fullgraph=fullgraph,
+                             mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
+    options = {"triton.cudagraphs": True, "triton.cudagraph_or_error": True, "max_autotune": mode == "max-autotune"}
+    return torch.compile(model, fullgraph=fullgraph, dynamic=False, options=options)
 
 
 def _forward_keys(module: nn.Module) -> set[str] | None:
@@ -117,6 +137,7 @@ class _Accumulated:
     """One optimizer step's micro-batches: summed loss (on the device), task losses, this rank's samples, tokens."""
 
     loss: torch.Tensor
+    matching_failures: torch.Tensor  # refused matching problems (PretrainingOutput.matching_failures), summed
     task_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0
     tokens: int = 0
@@ -129,6 +150,9 @@ class _Accumulated:
     def add(self, output, loss: torch.Tensor, accum: int) -> None:
         """Adds a micro-batch's loss share (already divided by `accum`) and its task losses."""
         self.loss += loss
+        failures = getattr(output, "matching_failures", None)
+        if failures is not None:
+            self.matching_failures += failures.detach().float()
         for name, value in (getattr(output, "losses", None) or {}).items():
             self.task_losses[name] = self.task_losses.get(name, 0.0) + value.detach().float() / accum
 
@@ -166,6 +190,12 @@ class Trainer:
         self.model = dist_utils.wrap_model(self.module, config.distributed, self.device,
                                            find_unused_parameters=config.find_unused_parameters)
         self.sharded = dist_utils.is_sharded(self.model)
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"TrainerConfig.cuda_graphs needs a CUDA device, got {self.device}")
+        # What the step calls; `model` stays the (wrapped) module that checkpoints and gradient sync work on.
+        # Under DDP/FSDP the compiler splits the graph at the gradient buckets itself.
+        self.step_model = self.model if config.compile == "none" else compile_model(
+            self.model, config.compile, config.cuda_graphs, fullgraph=dist_utils.world_size() == 1)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if optimizer is None:
             optimizer = build_optimizer(self.module, lr=config.lr, backbone_lr=config.backbone_lr,
@@ -241,7 +271,14 @@ class Trainer:
     def _train_step(self, windows: tuple[Window, ...], logger: RunLogger) -> bool:
         """One optimizer step (skipped when not finite), added to `windows`; returns whether a rank asked to stop."""
         accumulated = self._accumulate()
-        loss, grad_norm, stop = self._agree(accumulated.loss, self._clipped_grad_norm())
+        loss, grad_norm, stop, failures = self._agree(accumulated.loss, self._clipped_grad_norm(),
+                                                      accumulated.matching_failures)
+        if failures > 0 and math.isfinite(loss):
+            raise ValueError(
+                f"the Hungarian matcher refused {failures:g} matching problem(s) (an image's cost matrix per decoder "
+                f"layer) at step {self.step + 1} although the loss is finite: their costs are infeasible or not "
+                "finite (bad target boxes or labels). Run the criterion with validate=True (eager) to have it "
+                "name the image and the layer")
         lrs = self._learning_rates()
         finite = self._apply_or_skip(loss, grad_norm, logger)
         self._advance()
@@ -253,7 +290,8 @@ class Trainer:
     def _accumulate(self) -> _Accumulated:
         """Forward and backward of `grad_accum_steps` micro-batches; gradients are reduced on the last one only."""
         accum = self.config.grad_accum_steps
-        accumulated = _Accumulated(loss=torch.zeros((), device=self.device))
+        accumulated = _Accumulated(loss=torch.zeros((), device=self.device),
+                                   matching_failures=torch.zeros((), device=self.device))
         for micro in range(accum):
             batch = self._next_batch()
             accumulated.count(batch)
@@ -268,10 +306,12 @@ class Trainer:
 
     def _forward_backward(self, inputs: dict, *, sync: bool) -> tuple[object, torch.Tensor]:
         """Forward under autocast, backward of the (scaled) loss share; returns the output and the share, detached."""
+        if self.config.cuda_graphs:  # the previous replay's outputs are consumed: their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with dist_utils.gradient_sync(self.model, enabled=sync):
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
-                output = self.model(**inputs)
+                output = self.step_model(**inputs)
             loss = output.loss.float() / self.config.grad_accum_steps
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         return output, loss.detach()
@@ -282,13 +322,17 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         return torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
 
-    def _agree(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, bool]:
-        """The step's loss (the mean over ranks), its gradient norm and whether any rank asked to stop."""
+    def _agree(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor, matching_failures: torch.Tensor
+               ) -> tuple[float, float, bool, float]:
+        """The step's loss (the mean over ranks), its gradient norm, whether any rank asked to stop and the
+        refused matching problems (summed over ranks)."""
         stop_flag = torch.tensor(float(self._stop_requested), device=self.device)
         # One reduction decides for every rank: a NaN on any rank makes the mean NaN, so all skip together.
-        # The step's only reads from the device, after its backward and clipping: nothing waits mid-step.
-        loss, stop = dist_utils.all_reduce_mean(torch.stack([loss_sum, stop_flag])).tolist()
-        return loss, dist_utils.to_local(grad_norm).item(), stop > 0
+        agreed = dist_utils.all_reduce_mean(torch.stack([loss_sum, stop_flag, matching_failures]))
+        # The step's one read from the device, after its backward and clipping: nothing waits mid-step.
+        grad_norm = dist_utils.to_local(grad_norm).detach().float().reshape(1)
+        loss, stop, failures, grad_norm = torch.cat([agreed, grad_norm.to(agreed.device)]).tolist()
+        return loss, grad_norm, stop > 0, failures * dist_utils.world_size()
 
     def _learning_rates(self) -> dict[str, float]:
         """Each parameter group's learning rate, by group name (else index)."""
