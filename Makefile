@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export MAX_JOBS ?= 2
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test demo bench gpu-check kernels-inspect clean
 
 # torch first: the extension builds against the torch already installed (no build isolation).
 install:
@@ -31,6 +31,12 @@ bench: install
 # (default benchmarks/results/) and, when $OUT is set, are copied there.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Every attention autotune candidate compiled for sm_90 and sm_80 (no GPU needed; ~20 min each on 2 cores):
+# the records in benchmarks/inspect/, and the spill table the autotuner prunes by (kernels/attention_spills.json).
+kernels-inspect: install
+	$(PYTHON) -m e2evlp kernels inspect --arch 90 --features sweep --update-spill-table --json benchmarks/inspect/sweep-90.json >/dev/null
+	$(PYTHON) -m e2evlp kernels inspect --arch 80 --features sweep --update-spill-table --json benchmarks/inspect/sweep-80.json >/dev/null
 
 clean:
 	rm -rf build *.egg-info e2evlp/_C*.so e2evlp/_build_info.json

@@ -121,6 +121,7 @@ class BuildWithInfo(BuildExtension):
 setup(
     packages=find_packages(include=["e2evlp", "e2evlp.*"]) + ["e2evlp.kernels"],
     package_dir={"e2evlp.kernels": "kernels"},
+    package_data={"e2evlp.kernels": ["attention_spills.json"]},
     ext_modules=[
         Extension(
             "e2evlp._C",

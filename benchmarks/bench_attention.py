@@ -357,13 +357,14 @@ def tuned_configs(run: Runner) -> dict[str, str]:
     """The block sizes, warps and stages autotuning chose for each Triton kernel on this case's shapes."""
     from e2evlp.kernels.attention import _attention_fwd
     from e2evlp.kernels.attention_backward import _attention_bwd_dkdv, _attention_bwd_dq
+    from e2evlp.kernels.attention_configs import variant
 
     forward_backward(run)  # the kernels' best_config is the one of their latest call
     chosen = {}
     for kernel_pass, kernel in (("fwd", _attention_fwd), ("dkdv", _attention_bwd_dkdv), ("dq", _attention_bwd_dq)):
         config = kernel.best_config
         chosen[kernel_pass] = (f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} "
-                               f"s{config.num_stages}")
+                               f"s{config.num_stages} {variant(config)}")
     return chosen
 
 

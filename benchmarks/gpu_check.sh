@@ -66,6 +66,15 @@ fi
 grep -E "^(SKIPPED|FAILED|ERROR)" "$tests_log" || true
 tail -n 1 "$tests_log"
 
+phase "compiled evidence under this Triton: offered candidates that spill (e2evlp kernels inspect --check)"
+inspect_arch=$([ "${arch%%.*}" -ge 9 ] && echo 90 || echo 80)
+if ! timeout "$(left 90)" $PYTHON -m e2evlp kernels inspect --arch "$inspect_arch" --head-dim 64,128 \
+    --features kpm,kpm-dropout --causal no --offered-only --check --workers "$(nproc)" \
+    --json "$RESULTS/gpu-check-inspect.json" >"$RESULTS/gpu-check-inspect.log" 2>&1; then
+  status=1
+  grep "OFFERED AND SPILLING" "$RESULTS/gpu-check-inspect.log" || tail -n 5 "$RESULTS/gpu-check-inspect.log"
+fi
+
 phase "benchmarks: e2evlp bench all --device cuda --quick"
 outputs=(--out "$RESULTS" --json "$RESULTS/gpu-check.json" --markdown "$RESULTS/gpu-check.md")
 if $PYTHON -c "import matplotlib" 2>/dev/null; then

@@ -98,6 +98,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_kernels_inspect(args: argparse.Namespace) -> int:
+    """Compiles the attention kernels' autotune candidates for --arch with Triton's real compiler (no GPU needed)
+    and prints registers, spills, shared memory and Hopper instructions per candidate."""
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)  # the interpreter compiles nothing
+    from e2evlp.kernels import attention_inspect as AI
+
+    features = AI.SWEEP_FEATURES if args.features == "sweep" else tuple(args.features.split(","))
+    causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    if args.update_spill_table and (features != AI.SWEEP_FEATURES or sorted(args.head_dim) != list(AI.HEAD_DIMS)
+                                    or args.dtype != "bf16" or args.causal != "both" or args.passes != "all"):
+        raise ValueError("--update-spill-table takes the whole sweep: --features sweep, every head dim, "
+                         "--dtype bf16, --causal both, --passes all")
+    passes = AI.PASSES if args.passes == "all" else tuple(args.passes.split(","))
+    records = AI.inspect(args.arch, args.head_dim, args.dtype, causal_modes, features, passes,
+                         fallbacks=not args.offered_only, workers=args.workers)
+    if args.update_spill_table:
+        AI.update_spill_table([record.as_json() for record in records])
+    rows = [record.as_json() for record in records]
+    if args.offered_only:
+        keep = [row["offered"] for row in rows]
+        records = [record for record, kept in zip(records, keep) if kept]
+        rows = [row for row, kept in zip(rows, keep) if kept]
+    print(AI.table(records))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    bad = AI.spilling_offers(rows)
+    for row in bad:
+        print(f"OFFERED AND SPILLING: {row['pass']} {row['block_m']}x{row['block_n']} {row['num_warps']} warps "
+              f"{row['num_stages']} stages, D={row['head_dim']} causal={row['causal']} {row['features']}: "
+              f"{row['spill_bytes']} B", file=sys.stderr)
+    return 1 if bad and args.check else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2evlp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", default=None, metavar="FILE", help="write this run's tables as Markdown")
     bench.add_argument("--plot", default=None, metavar="FILE", help="plot this run's size sweeps (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)
+    kernels = commands.add_parser("kernels", help="compiled evidence for the Triton kernels (no GPU needed)")
+    kernel_commands = kernels.add_subparsers(dest="kernels_command", required=True)
+    inspect = kernel_commands.add_parser("inspect", help=cmd_kernels_inspect.__doc__.split("\n")[0],
+                                         description=cmd_kernels_inspect.__doc__)
+    inspect.add_argument("--arch", type=int, required=True, choices=[80, 90], help="target: sm_80 or sm_90")
+    inspect.add_argument("--head-dim", type=_int_list, default=[32, 64, 80, 96, 128], metavar="D,D",
+                         help="head dims (default 32,64,80,96,128)")
+    inspect.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="default bf16")
+    inspect.add_argument("--causal", default="both", choices=["both", "yes", "no"], help="default both")
+    inspect.add_argument("--features", default="kpm", metavar="SET,SET",
+                         help="feature sets: plain, kpm (key padding: the padded batch; default), kpm-dropout, mask, "
+                              "varlen, varlen-dropout; or sweep (those the spill table is made of)")
+    inspect.add_argument("--passes", default="all", metavar="PASS,PASS", help="fwd, delta, dkdv, dq (default all)")
+    inspect.add_argument("--offered-only", action="store_true",
+                         help="only the candidates the autotuner on that arch would try (no fallbacks)")
+    inspect.add_argument("--json", default=None, metavar="FILE", help="also write the records as a JSON list")
+    inspect.add_argument("--workers", type=int, default=None, metavar="N", help="compiling processes (default: cores)")
+    inspect.add_argument("--check", action="store_true", help="exit status 1 if an offered candidate spills")
+    inspect.add_argument("--update-spill-table", action="store_true",
+                         help="rewrite this arch's entry of kernels/attention_spills.json (needs the whole sweep)")
+    inspect.set_defaults(func=cmd_kernels_inspect)
     return parser
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from e2evlp.kernels.attention_configs import TUNING, configs, length_bucket
+from e2evlp.kernels.attention_configs import FORWARD_TUNING, configs, length_bucket, tma_aligned
 
 # tl.constexpr values, so that @triton.jit code may read them (Triton rejects other globals); the
 # launchers pass the mask kind as a plain int (MASK_BOOL.value), which the kernels compare with these.
@@ -74,16 +74,34 @@ def _unmasked_end(first_row, q_len, k_len, hi, BLOCK_N: tl.constexpr, IS_CAUSAL:
 
 
 @triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    """a @ b accumulated in float32; float32 inputs stay IEEE (no TF32)."""
+    if FP32_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A tile load that checks only the bounds that may fail: the unmasked loops' key blocks are whole, and
+    a head dim that is a power of two has no padding columns. A load with no mask is also what lets the
+    compiler vectorize and pipeline it at full width."""
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=rows_ok, other=0.0)
+    if CHECK_COLS:
+        return tl.load(ptrs, mask=cols_ok, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
             IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
             MASKED: tl.constexpr):
     """Base-2 scaled scores [BLOCK_M, BLOCK_N] with every mask applied (-inf where not allowed); a tile
     that _unmasked_end vouches for (every key real and visible) skips the masks."""
-    if FP32_DOT:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
-    s = s * qk_scale
+    s = _dot(q, k, FP32_DOT) * qk_scale
     if not MASKED:
         return s
     valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
@@ -117,48 +135,76 @@ def _keep(seed, b, h, H, offs_m, offs_n, rng_cols, dropout_p):
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_len, k_len,
               qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed, rng_cols, dropout_p,
-              HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+              MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr,
+              USE_TMA: tl.constexpr):
     """One key block of the forward: scores, online-softmax update of (m_i, l_i), and acc += P V."""
     cols = start_n + offs_n
-    k = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None],
-                mask=(cols[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [D, N]
-    s = _scores(q, k, offs_m, cols, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
-                IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT, MASKED)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if USE_TMA:  # k_base and v_base are descriptors; rows past k_len and columns past HEAD_DIM come as zeros
+        k = tl.trans(k_base.load([start_n, 0]))  # [D, N]
+    else:
+        k = _load_tile(k_base + cols[None, :] * s_kn + offs_d[:, None], cols[None, :] < k_len,
+                       offs_d[:, None] < HEAD_DIM, MASKED, HEAD_DIM != D_PAD)  # [D, N]
+    if MASKED:
+        s = _scores(q, k, offs_m, cols, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
+                    IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT, MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        # Scale the row maxima, not the tile: the shift then folds into one multiply-add per score. The
+        # launcher makes qk_scale >= 0, so the maximum of the scaled scores is the scaled maximum.
+        s = _dot(q, k, FP32_DOT)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
         keep = _keep(seed, b, h, H, offs_m, cols, rng_cols, dropout_p)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-    v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :],
-                mask=(cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [N, D]
-    if FP32_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    if USE_TMA:
+        v = v_base.load([start_n, 0])  # [N, D]
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = _load_tile(v_base + cols[:, None] * s_vn + offs_d[None, :], cols[:, None] < k_len,
+                       offs_d[None, :] < HEAD_DIM, MASKED, HEAD_DIM != D_PAD)  # [N, D]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=configs("fwd"), **TUNING)
+@triton.autotune(configs=configs("fwd"), **FORWARD_TUNING)
 @triton.jit(do_not_specialize=["seed"])  # a seed divisible by 16 must not compile another variant
 def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
                    s_kpm_b, s_mb, s_mh, s_mm, s_mn,
-                   H, LQ, LK, sm_scale, dropout_p, seed, rng_cols, TUNE_LQ, TUNE_LK,
+                   H, LQ, LK, sm_scale, dropout_p, seed, rng_cols, TUNE_LQ, TUNE_LK, TMA_ALIGNED,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                    MASK_KIND: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
     start_m = tl.program_id(0)
     b, h, q_start, k_start, q_len, k_len = _program_sequence(CU_Q, CU_K, LQ, LK, IS_VARLEN)
     if start_m * BLOCK_M < q_len:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D_PAD)
-        q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :],
-                    mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        k_rows = K + b * s_kb + h * s_kh + k_start * s_kn
+        v_rows = V + b * s_vb + h * s_vh + k_start * s_vn
+        if USE_TMA:
+            # One descriptor per sequence and head: its [length, HEAD_DIM] bounds do the masking that the
+            # pointer loads do by hand (the sequence's own rows in a varlen batch; zeros past them).
+            q_desc = tl.make_tensor_descriptor(Q + b * s_qb + h * s_qh + q_start * s_qm, shape=[q_len, HEAD_DIM],
+                                               strides=[s_qm, 1], block_shape=[BLOCK_M, D_PAD])
+            q = q_desc.load([start_m * BLOCK_M, 0])
+            k_base = tl.make_tensor_descriptor(k_rows, shape=[k_len, HEAD_DIM], strides=[s_kn, 1],
+                                               block_shape=[BLOCK_N, D_PAD])
+            v_base = tl.make_tensor_descriptor(v_rows, shape=[k_len, HEAD_DIM], strides=[s_vn, 1],
+                                               block_shape=[BLOCK_N, D_PAD])
+        else:
+            q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :],
+                        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            k_base = k_rows
+            v_base = v_rows
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -166,19 +212,17 @@ def _attention_fwd(Q, K, V, O, LSE, KPM, KEND, MASK, CU_Q, CU_K,
         hi = _key_stop(KEND, b, k_len, HAS_KPM)
         if IS_CAUSAL:  # keys beyond the block's last query (bottom-right) are never seen
             hi = tl.minimum(hi, tl.maximum((start_m + 1) * BLOCK_M + k_len - q_len, 0))
-        k_base = K + b * s_kb + h * s_kh + k_start * s_kn
-        v_base = V + b * s_vb + h * s_vh + k_start * s_vn
         mid = _unmasked_end(start_m * BLOCK_M, q_len, k_len, hi, BLOCK_N, IS_CAUSAL, HAS_KPM, MASK_KIND)
         for start_n in range(0, mid, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H,
                                       q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
-                                      s_kn, s_vn, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND,
-                                      HAS_DROPOUT, FP32_DOT, False)
-        for start_n in range(mid, hi, BLOCK_N):
+                                      s_kn, s_vn, seed, rng_cols, dropout_p, HEAD_DIM, D_PAD, IS_CAUSAL, HAS_KPM,
+                                      MASK_KIND, HAS_DROPOUT, FP32_DOT, False, USE_TMA)
+        for start_n in tl.range(mid, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H,
                                       q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
-                                      s_kn, s_vn, seed, rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND,
-                                      HAS_DROPOUT, FP32_DOT, True)
+                                      s_kn, s_vn, seed, rng_cols, dropout_p, HEAD_DIM, D_PAD, IS_CAUSAL, HAS_KPM,
+                                      MASK_KIND, HAS_DROPOUT, FP32_DOT, True, USE_TMA)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -285,6 +329,8 @@ class Problem:
 def forward(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
             scale, dropout_p, seed):
     """Returns (out like q, lse float32: [B, H, Lq] padded or [total_q, H] varlen; base-2 of scaled scores)."""
+    if scale < 0:  # the kernel's row maxima need a non-negative scale; (-q)·k·(-scale) is the same score
+        q, scale = -q, -scale
     problem = Problem(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       causal, scale, dropout_p, seed)
     out = torch.empty(problem.q.shape, dtype=q.dtype, device=q.device)
@@ -298,8 +344,27 @@ def forward(q, k, v, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, ma
 
 def forward_launch(problem, out, lse):
     """(kernel, grid, args, kwargs) of the forward; the compile tests build the same launch."""
-    return (_attention_fwd, problem.grid(problem.LQ, "BLOCK_M"), (problem.q, problem.k, problem.v, out, lse),
-            problem.common_args(out, lse))
+    tensors = (problem.q, problem.k, problem.v)
+    aligned = tma_aligned(list(tensors), [s for t in tensors for s in problem.strides(t)], problem.D)
+    if aligned:
+        _ensure_allocator()
+    return (_attention_fwd, problem.grid(problem.LQ, "BLOCK_M"), (*tensors, out, lse),
+            {**problem.common_args(out, lse), "TMA_ALIGNED": int(aligned)})
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors are written to global scratch memory, which Triton takes from the
+    allocator set in the launching thread (a context variable). Ours, unless the caller set one of their own."""
+    from triton.runtime import _allocation
+
+    allocator = getattr(_allocation, "_allocator", None)
+    current = allocator.get() if allocator is not None else None
+    if current is None or isinstance(current, getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_descriptor_scratch)
 
 
 def dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, device) -> torch.Tensor:

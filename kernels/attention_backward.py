@@ -16,6 +16,8 @@ from e2evlp.kernels.attention import (
     Problem,
     _keep,
     _key_stop,
+    _dot,
+    _load_tile,
     _program_sequence,
     _scores,
     _unmasked_end,
@@ -51,10 +53,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, b, h, H, q_len, 
     s = _scores(q, k, offs_m, offs_n, b, h, q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn,
                 IS_CAUSAL, HAS_KPM, MASK_KIND, FP32_DOT, MASKED)
     p = tl.exp2(s - lse[:, None])
-    if FP32_DOT:
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    else:
-        dp = tl.dot(do, tl.trans(v))
+    dp = _dot(do, tl.trans(v), FP32_DOT)
     p_dropped = p
     if HAS_DROPOUT:
         keep = _keep(seed, b, h, H, offs_m, offs_n, rng_cols, dropout_p)
@@ -79,12 +78,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, l_base, start_m, offs_m, offs_n, o
     p, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, rows, offs_n, b, h, H, q_len, k_len,
                                qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
                                IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, MASKED)
-    if FP32_DOT:
-        dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-        dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-    else:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
     return dk, dv
 
 
@@ -148,20 +143,18 @@ def _attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, KEND, MASK, CU_Q, 
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H, q_len, k_len,
              qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed, rng_cols, dropout_p,
-             HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
              HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
     """One key block of the dQ pass: dQ += dS K."""
     cols = start_n + offs_n
-    kv_mask = (cols[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-    v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_tile(k_base + cols[:, None] * s_kn + offs_d[None, :], cols[:, None] < k_len,
+                   offs_d[None, :] < HEAD_DIM, MASKED, HEAD_DIM != D_PAD)  # [N, D]
+    v = _load_tile(v_base + cols[:, None] * s_vn + offs_d[None, :], cols[:, None] < k_len,
+                   offs_d[None, :] < HEAD_DIM, MASKED, HEAD_DIM != D_PAD)
     _, ds = _probs_and_dscores(q, tl.trans(k), v, do, lse, delta, offs_m, cols, b, h, H, q_len, k_len,
                                qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, seed, rng_cols, dropout_p,
                                IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, MASKED)
-    if FP32_DOT:
-        dq += tl.dot(ds, k, input_precision="ieee")
-    else:
-        dq += tl.dot(ds.to(k.dtype), k)
+    dq += _dot(ds.to(k.dtype), k, FP32_DOT)
     return dq
 
 
@@ -199,11 +192,13 @@ def _attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, KEND, MASK, CU_Q, CU_K,
         for start_n in range(0, mid, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H,
                           q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed,
-                          rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, False)
+                          rng_cols, dropout_p, HEAD_DIM, D_PAD, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT,
+                          False)
         for start_n in range(mid, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d, b, h, H,
                           q_len, k_len, qk_scale, KPM, s_kpm_b, MASK, s_mb, s_mh, s_mm, s_mn, s_kn, s_vn, seed,
-                          rng_cols, dropout_p, HEAD_DIM, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT, True)
+                          rng_cols, dropout_p, HEAD_DIM, D_PAD, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, FP32_DOT,
+                          True)
         tl.store(DQ + b * s_dqb + h * s_dqh + (q_start + offs_m)[:, None] * s_dqm + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 

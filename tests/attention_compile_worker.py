@@ -17,30 +17,19 @@ import triton
 from e2evlp.kernels import attention as A
 from e2evlp.kernels import attention_backward as AB
 from e2evlp.kernels import attention_configs as C
+from e2evlp.kernels import attention_inspect as AI
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-POINTER = {"LSE": "*fp32", "DELTA": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "KPM": "*u8", "KEND": "*i32",
-           "MASK": "*u8"}
-TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 KERNELS = {"fwd": A._attention_fwd, "dkdv": AB._attention_bwd_dkdv, "dq": AB._attention_bwd_dq}
 KERNEL_PASS = {kernel: kernel_pass for kernel_pass, kernel in KERNELS.items()}
 
 
 def compile_pass(kernel_pass, arch, dtype, config, **flags):
-    fn = KERNELS[kernel_pass].fn
-    consts = dict(IS_CAUSAL=False, HAS_KPM=True, MASK_KIND=A.MASK_NONE.value, IS_VARLEN=False, HAS_DROPOUT=False,
-                  HEAD_DIM=64, D_PAD=64, FP32_DOT=dtype == "fp32", **config.kwargs)
-    consts.update(flags)
-    signature = {name: "constexpr" if name in consts else POINTER.get(name, "*" + dtype if name in TENSORS else
-                 "fp32" if name in ("sm_scale", "dropout_p") else "i32") for name in fn.arg_names}
-    # As at run time for aligned tensors and strides that are multiples of 16, which is what lets the
-    # compiler pipeline the streamed loads (cp.async).
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if signature[name].startswith("*") or name.startswith("s_")}
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    constants = dict(AI.flags_of("kpm", 64, False, dtype), **config.kwargs)
+    constants.update(flags)
+    compiled, _ = AI.compile_kernel(kernel_pass, arch, dtype, constants, config.num_warps, config.num_stages)
+    return compiled
 
 
 def compile_launch(kernel, args, kwargs, config, arch):
@@ -55,7 +44,7 @@ def compile_launch(kernel, args, kwargs, config, arch):
     signature, consts, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(jit.arg_names, jit.params)):
         if param.is_constexpr:
-            signature[name], consts[name] = "constexpr", bound[name]
+            signature[name], consts[name] = "constexpr", bound.get(name, param.default)
             continue
         kind, spec = native_specialize_impl(BaseBackend, bound[name], False, not param.do_not_specialize,
                                             not getattr(param, "do_not_specialize_on_alignment", False))

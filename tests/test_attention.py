@@ -55,6 +55,18 @@ def test_head_dims(head_dim):
     assert_close_to_reference(*qkv(1, 1, 9, 13, head_dim, seed=head_dim))
 
 
+@pytest.mark.parametrize("head_dim", [32, 40])
+@pytest.mark.parametrize("scale", [-0.4, 0.0, 0.7])
+@pytest.mark.parametrize("causal", [False, True])
+def test_unmasked_tiles_any_scale(head_dim, scale, causal):
+    """Whole key blocks take the mask-free loads (no column mask at a power-of-two head dim) and fold the
+    scale into the row maxima, which a negative scale would break if the launcher did not flip it. Scores
+    of a few hundred make a wrong row maximum overflow exp2."""
+    q, k, v = qkv(1, 2, 40, 48, head_dim, torch.float16, seed=head_dim)
+    q = (q.detach() * 30).requires_grad_()
+    assert_close_to_reference(q, k, v, scale=scale, causal=causal)
+
+
 def test_strided_inputs():
     """[B, L, H, D] projections viewed as [B, H, L, D], and a slice: gradients keep their strides right."""
     g = torch.Generator().manual_seed(13)

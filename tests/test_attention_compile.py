@@ -69,12 +69,17 @@ def test_pruning_keeps_the_gpus_own_candidates_and_always_one_that_fits(monkeypa
     for kernel_pass in C.CANDIDATES:
         candidates = [C._config(kernel_pass, g, *c) for g in (8, 9) for c in C.CANDIDATES[kernel_pass][g]]
         q = torch.empty(1, dtype=getattr(torch, dtype))
-        kept = C.prune(candidates, {"Q": q}, D_PAD=d_pad)
+        padded_batch = dict(D_PAD=d_pad, HAS_KPM=True, MASK_KIND=0, IS_VARLEN=False)
+        kept = C.prune(candidates, {"Q": q, "TMA_ALIGNED": 1}, **padded_batch)
         assert kept and all(C.origin(c) == (kernel_pass, generation) for c in kept)
         sizes = [C.shared_bytes(kernel_pass, c, d_pad, q.element_size(), generation) for c in kept]
         assert any(bound <= limit for _, bound in sizes)
-        if d_pad <= 64 and dtype == "bfloat16" and shared == "full":  # every candidate of the generation is timed
-            assert len(kept) == len(C.CANDIDATES[kernel_pass][generation])
+        if d_pad <= 64 and dtype == "bfloat16" and shared == "full":  # every candidate that does not spill is timed
+            usable = [c for c in C.generation_configs(kernel_pass, generation) if C.usable(c, True, padded_batch)]
+            expected = [c for c in usable if not C.spill_bytes(kernel_pass, c, generation, d_pad, padded_batch)]
+            assert [C.candidate_key(kernel_pass, c) for c in kept] == [C.candidate_key(kernel_pass, c) for c in expected]
+        misaligned = C.prune(candidates, {"Q": q, "TMA_ALIGNED": 0}, **padded_batch)
+        assert misaligned and all(C.variant(c) == "cp.async" for c in misaligned)
 
 
 def test_configs_survive_tritons_autotuning_disk_cache():

@@ -57,3 +57,47 @@ def test_dropout_keep_fraction_on_gpu():
 
     keep = dropout_keep_mask(4, 12, 256, 256, 0.1, seed=7, device="cuda")
     assert abs(keep.float().mean().item() - 0.9) < 0.01
+
+
+def first_offered(kernel, kernel_pass, d_pad, dtype, flags, loads):
+    """The first candidate the autotuner would try on this GPU for a pass, with the given kind of loads."""
+    from e2evlp.kernels import attention_configs as C
+
+    major, limit = C.device_budget(torch.device("cuda"))
+    candidates = [c for c in kernel.configs if C.origin(c)[1] == major and C.variant(c) == loads
+                  and C.usable(c, True, flags)]
+    kept = C.admissible(candidates, kernel_pass, major, limit, d_pad, torch.empty((), dtype=dtype).element_size(),
+                        flags)
+    return kept[0] if kept else None
+
+
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("loads", ["cp.async", "tma", "tma-ws"])
+def test_first_offered_candidates_on_gpu(monkeypatch, D, loads):
+    """The tiles users run, not only the fallback: each pass forced to its first offered candidate (the
+    forward also to its first TMA and warp-specialized one on sm_90) on a padded batch with dropout off."""
+    from e2evlp.kernels import attention as A
+    from e2evlp.kernels import attention_backward as AB
+
+    d_pad = max(16, 1 << (D - 1).bit_length())
+    flags = dict(HAS_KPM=True, MASK_KIND=0, IS_VARLEN=False, HAS_DROPOUT=False, D_PAD=d_pad)
+    forced = {}
+    for kernel, kernel_pass in ((A._attention_fwd, "fwd"), (AB._attention_bwd_dkdv, "dkdv"),
+                                (AB._attention_bwd_dq, "dq")):
+        config = first_offered(kernel, kernel_pass, d_pad, torch.bfloat16, flags,
+                               loads if kernel_pass == "fwd" else "cp.async")
+        if config is None:
+            pytest.skip(f"no {loads} candidate for {kernel_pass} on this GPU")
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+        forced[kernel_pass] = config
+    g = torch.Generator(device="cuda").manual_seed(D)
+    q, k, v = (torch.randn(2, 4, 300, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    kpm = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+    kpm[1, 170:] = True
+    grad = torch.randn(2, 4, 300, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    ours = errors(ops.attention, q, k, v, grad, key_padding_mask=kpm)
+    pytorch = errors(same_dtype_math, q, k, v, grad, key_padding_mask=kpm)
+    for mine, theirs in zip(ours, pytorch):
+        assert mine <= 2 * theirs + 1e-5, (forced, ours, pytorch)
