@@ -7,7 +7,9 @@ sequences through cu_seqlens. Dropout keeps p's Philox stream by (seed, sequence
 backward (attention_backward.py) regenerates the forward's mask. Rows with no key get output 0,
 LSE = +inf, gradient 0. Each walk runs in two loops: tiles whose keys are all real and visible skip
 the mask arithmetic, the rest (the causal diagonal, the last partial block, any key padding or mask)
-apply it; key blocks past a sequence's last real key are not visited at all.
+apply it; key blocks past a sequence's last real key are not visited at all. On sm_90 the forward's
+"tma" configs load Q, K and V through tensor descriptors (whose bounds zero what lies past a sequence or
+the head dim) instead of masked pointer loads.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Compiled evidence for the attention kernels without a GPU: each autotune candidate of each pass through
 Triton's real compiler for sm_80 or sm_90, with its registers, spills, shared memory and Hopper instructions.
 
-`e2evlp kernels inspect` prints these records as a table or JSON; the tests hold the pruning to them (no
-offered candidate spills). One record per (pass, config, head dim, causal): the kernels are compiled as a
-padded VLP batch calls them (key padding mask on, no attn_mask, no dropout unless asked), with 16-divisible
-pointers and strides as the JIT sees for aligned tensors.
+`e2evlp kernels inspect` prints these records as a table or JSON, and `--update-spill-table` turns a whole
+sweep into kernels/attention_spills.json, which the autotuner prunes by. One record per (feature set, pass,
+config, head dim, causal): the kernels are compiled with the constexpr flags of that feature set (FEATURES;
+"kpm" is the padded VLP batch), with 16-divisible pointers and strides as the JIT sees for aligned tensors.
 """
 
 from __future__ import annotations
